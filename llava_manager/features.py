@@ -1,0 +1,186 @@
+"""Image features of a patched model: the main feature and the Managers' multi-layer features.
+
+`ImageFeatureComputer.__call__` stands in for `LlavaOnevisionModel.get_image_features` on a patched
+model (same signature, so `generate()` calls it before prefill exactly as it calls the original).
+It runs all crops of the batch through SigLIP in one call, captures only the selected layers,
+projects them with the model's own projector, and lays the main feature and the N layers out in
+one packing pass. The Manager features travel with the image features as `deepstack_features`
+(one `(tokens, N * D)` tensor per image): transformers' generation expands them for beam search and
+slices them for chunked prefill exactly like `pooler_output`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+from .config import ImageLayout, ManagerConfig
+from .managers import ManagerStack
+from .packing import pack_image, parse_max_crops
+from .vision import VisionCapture
+
+
+@dataclass
+class ManagerImageOutput(BaseModelOutputWithPooling):
+    """`get_image_features` output of a patched model.
+
+    pooler_output (`list[torch.Tensor]`): per image, `(tokens, D)` main features (as transformers).
+    deepstack_features (`list[list[torch.Tensor]]`, *optional*): `[[per image (tokens, N * D)]]`, the Managers'
+        multi-layer features laid out like `pooler_output` (rows outside the `grid` span are zero).
+    """
+
+    deepstack_features: list | None = None
+
+
+class ImageFeatureComputer:
+    """Callable that replaces `get_image_features` on one patched `LlavaOnevisionModel` instance."""
+
+    def __init__(self, llava_model, stack: ManagerStack | None, config: ManagerConfig | None, layout: ImageLayout):
+        self.llava_model = llava_model
+        self.stack = stack
+        self.config = config
+        self.layout = layout
+        model_config = llava_model.config
+        self.main_entry = model_config.vision_feature_layer % (model_config.vision_config.num_hidden_layers + 1)
+        self.vision_layers = list(config.vision_layers) if config is not None else []
+        self.capture = VisionCapture(llava_model.vision_tower, [self.main_entry, *self.vision_layers])
+        self.last_output: ManagerImageOutput | None = None  # set while a forward is running (see injection.py)
+
+    def remove(self) -> None:
+        self.capture.remove()
+
+    # The signature mirrors transformers' get_image_features: generate() inspects it to pick its kwargs.
+    def __call__(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> ManagerImageOutput:
+        model = self.llava_model
+        config = model.config
+        select_strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        if vision_feature_layer is not None and vision_feature_layer != config.vision_feature_layer:
+            raise ValueError(
+                f"a patched model computes its features from vision_feature_layer={config.vision_feature_layer}; "
+                f"got vision_feature_layer={vision_feature_layer!r} at call time"
+            )
+        square = self.layout.mode == "square"
+        max_crops = None if square else parse_max_crops(vision_aspect_ratio or config.vision_aspect_ratio)
+        crop_pixels = config.vision_config.image_size
+
+        crops_per_image = self._crops_per_image(image_sizes, batch_num_images, square)
+        if pixel_values.dim() == 5:  # (images, max_crops, 3, H, W), padded per image
+            pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, crops_per_image)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+
+        # all crops of the batch in one tower call, as the original does
+        with self.capture.capture() as captured:
+            tower_output = model.vision_tower(pixel_values, return_dict=True)
+        main = captured[self.main_entry]  # (crops, P, C)
+        if select_strategy == "default":
+            main = main[:, 1:]
+        layer_stack = None
+        if self.vision_layers:
+            layer_stack = torch.stack([captured[entry] for entry in self.vision_layers], dim=1)  # (crops, N, P, C)
+            if select_strategy == "default":
+                layer_stack = layer_stack[:, :, 1:]
+        captured.clear()
+
+        if layer_stack is not None and self.config.injection == "projector":
+            main = main + self._vision_residual(layer_stack, crops_per_image)
+            layer_stack = None
+        main = model.multi_modal_projector(main)  # (crops, P, D)
+        if layer_stack is not None:
+            layer_stack = self.stack.embed_layers(model.multi_modal_projector(layer_stack))  # (crops, N, P, D)
+
+        packed_main, packed_layers = self._pack(
+            main, layer_stack, crops_per_image, image_sizes, max_crops=max_crops, square=square
+        )
+        output = ManagerImageOutput(
+            last_hidden_state=tower_output.last_hidden_state,
+            pooler_output=packed_main,
+            deepstack_features=[packed_layers] if packed_layers is not None else None,
+        )
+        self.last_output = output
+        return output
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def _crops_per_image(self, image_sizes, batch_num_images, square: bool) -> list[int]:
+        config = self.llava_model.config
+        if square:
+            return [1] * len(image_sizes)
+        if batch_num_images is None:
+            need_grid = [True] * len(image_sizes)
+        else:  # multi-image samples: one crop per image
+            need_grid = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        return [
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if grid else 1
+            for size, grid in zip(image_sizes, need_grid)
+        ]
+
+    def _crop_is_managed(self, crops_per_image: list[int], device) -> torch.Tensor:
+        """(crops,) bool: which crops the `grid` setting gives to the Managers (crop 0 of an image is its base)."""
+        flags = []
+        for n in crops_per_image:
+            for crop in range(n):
+                is_base = crop == 0
+                flags.append(self.config.grid == "all" or (self.config.grid == "base") == is_base)
+        return torch.tensor(flags, device=device)
+
+    def _vision_residual(self, layer_stack: torch.Tensor, crops_per_image: list[int]) -> torch.Tensor:
+        """injection="projector": zero-init residual in SigLIP space, on the managed crops. -> (crops, P, C)"""
+        layers = self.stack.embed_layers(layer_stack).transpose(1, 2)  # (crops, P, N, C)
+        residual = self.stack.managers[0](layers)  # (crops, P, C)
+        if self.config.grid != "all":
+            managed = self._crop_is_managed(crops_per_image, residual.device)
+            residual = residual * managed[:, None, None].to(residual.dtype)
+        return residual
+
+    def _pack(self, main, layer_stack, crops_per_image, image_sizes, *, max_crops, square):
+        """Pack per image. main: (crops, P, D); layer_stack: (crops, N, P, D) or None."""
+        model = self.llava_model
+        config = model.config
+        hidden = main.shape[-1]
+        newline = None if square else model.image_newline
+        if layer_stack is not None:
+            crops, num_layers, tokens, _ = layer_stack.shape
+            # fold the N layers into channels: (crops, P, (1 + N) * D); newline repeated for every layer
+            folded = torch.cat([main, layer_stack.transpose(1, 2).reshape(crops, tokens, num_layers * hidden)], -1)
+            if newline is not None:
+                newline = newline.to(main.dtype).repeat(1 + num_layers)
+        else:
+            folded = main
+        packed_main, packed_layers = [], []
+        for features, size in zip(torch.split(folded, crops_per_image, dim=0), image_sizes):
+            size_hw = tuple(int(v) for v in (size.tolist() if torch.is_tensor(size) else size))
+            tokens = pack_image(
+                features,
+                size_hw,
+                grid_pinpoints=config.image_grid_pinpoints,
+                crop_pixels=config.vision_config.image_size,
+                newline=newline,
+                max_crops=max_crops,
+                unpad_mode=self.layout.unpad,
+                square=square,
+            )  # (T_i, (1 + N) * D)
+            packed_main.append(tokens[:, :hidden])
+            if layer_stack is not None:
+                layers = tokens[:, hidden:]  # (T_i, N * D)
+                if self.config.grid != "all":
+                    layers = layers * self._token_is_managed(tokens.shape[0], features.shape[1], layers)
+                packed_layers.append(layers)
+        return packed_main, (packed_layers if layer_stack is not None else None)
+
+    def _token_is_managed(self, num_tokens: int, base_tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """(T_i, 1) 0/1 factor: the base crop's tokens come first, everything after belongs to the grid."""
+        is_base = torch.arange(num_tokens, device=like.device) < base_tokens
+        managed = is_base if self.config.grid == "base" else ~is_base
+        return managed[:, None].to(like.dtype)

@@ -1,0 +1,270 @@
+"""The LLM injection site: hooks that add each Manager's output before its decoder layer.
+
+Per forward of the `LlavaOnevisionModel`:
+1. a forward pre-hook records the inputs (`input_ids` or `inputs_embeds`, `mm_encoder_outputs`);
+2. `get_image_features` (ours, see features.py) runs inside that forward, or ran before it in
+   `generate()` and arrives through `mm_encoder_outputs`;
+3. a pre-hook on the language model builds the `InjectionPlan`: where the image tokens are,
+   their multi-layer features, and (adaptive Managers) where each sample's instruction is;
+4. a pre-hook on each chosen decoder layer returns `h + delta` (out of place) at the image tokens;
+5. a forward hook (always called, also on errors) drops the state.
+Decode steps (a filled KV cache and no image token) skip all Manager work; every other forward runs
+every Manager, on empty tensors for text-only batches, so ZeRO-3 ranks stay in step.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+from .managers import AdaptiveManager, ManagerStack, QueryContext
+
+
+@dataclass
+class _ForwardState:
+    input_ids: torch.Tensor | None
+    inputs_embeds: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    mm_encoder_outputs: dict | None
+    past_key_values: object | None
+    plan: InjectionPlan | None = None
+
+
+@dataclass
+class InjectionPlan:
+    """Everything the decoder-layer hooks need, computed once per forward.
+
+    positions (`(T,)`): flat indices (`batch * seq_len + pos`) of the image tokens, in feature order.
+    features (`(T, N, D)`): their multi-layer features (zero rows outside the `grid` span).
+    query (`_QueryPlan`, *optional*): the adaptive Managers' instruction positions.
+    """
+
+    positions: torch.Tensor
+    features: torch.Tensor
+    token_sample: torch.Tensor
+    query: _QueryPlan | None = None
+
+
+@dataclass
+class _QueryPlan:
+    positions: torch.Tensor  # (Q,) flat indices of the instruction tokens of all samples
+    query_sample: torch.Tensor  # (Q,)
+    query_last: torch.Tensor  # (B,)
+    segments: list[tuple[int, int]]
+
+
+class LLMInjection:
+    """Installs and owns the hooks of `injection="llm"` on one `LlavaOnevisionModel`."""
+
+    def __init__(self, llava_model, stack: ManagerStack, features):
+        self.llava_model = llava_model
+        self.stack = stack
+        self.features = features  # the ImageFeatureComputer
+        self.config = stack.config
+        self._state: ContextVar[_ForwardState | None] = ContextVar("llava_manager_forward", default=None)
+        self._tokens: list = []
+        self._handles = [
+            llava_model.register_forward_pre_hook(self._enter, with_kwargs=True),
+            llava_model.register_forward_hook(self._exit, always_call=True),
+            llava_model.language_model.register_forward_pre_hook(self._plan, with_kwargs=True),
+        ]
+        layers = llava_model.language_model.layers
+        for index, llm_layer in enumerate(self.config.llm_layers):
+            self._handles.append(layers[llm_layer].register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ---- 1 / 5: forward enter and exit ---------------------------------------------------------------
+    def _enter(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        state = _ForwardState(
+            input_ids=input_ids,
+            inputs_embeds=kwargs.get("inputs_embeds"),
+            attention_mask=kwargs.get("attention_mask"),
+            mm_encoder_outputs=kwargs.get("mm_encoder_outputs"),
+            past_key_values=kwargs.get("past_key_values"),
+        )
+        self.features.last_output = None
+        self._tokens.append(self._state.set(state))
+
+    def _exit(self, module, args, output):
+        if self._tokens:
+            self._state.reset(self._tokens.pop())
+        self.features.last_output = None
+
+    # ---- 3: the plan ---------------------------------------------------------------------------------
+    def _plan(self, module, args, kwargs):
+        state = self._state.get()
+        if state is None:  # the language model called on its own: nothing to inject
+            return None
+        hidden = kwargs.get("inputs_embeds")
+        if hidden is None:
+            return None
+        image_output = self.features.last_output
+        if image_output is None and state.mm_encoder_outputs:
+            image_output = state.mm_encoder_outputs.get("image")
+        image_mask = self._image_token_mask(state, hidden)  # (B, L) bool
+        batch, seq_len = image_mask.shape
+        has_images = bool(image_mask.any())
+        if not has_images and _cache_length(state.past_key_values) > 0:
+            state.plan = None  # a decode step: no Manager work at all
+            return None
+
+        positions = image_mask.reshape(-1).nonzero().squeeze(-1)  # (T,)
+        num_layers = len(self.config.vision_layers)
+        width = hidden.shape[-1]
+        layer_features = getattr(image_output, "deepstack_features", None) if image_output is not None else None
+        if has_images and layer_features is None:
+            raise RuntimeError(
+                "image tokens reached a patched model without Manager features: pass pixel_values, or "
+                "mm_encoder_outputs computed by this patched model's get_image_features"
+            )
+        if has_images:
+            features = torch.cat([f.reshape(-1, num_layers * width) for f in layer_features[0]], dim=0)
+            if features.shape[0] != positions.shape[0]:
+                raise RuntimeError(
+                    f"Manager features and image tokens do not match: tokens {positions.shape[0]}, "
+                    f"features {features.shape[0]}"
+                )
+            features = features.view(-1, num_layers, width).to(hidden.device, hidden.dtype)  # (T, N, D)
+        else:  # text-only forward: run every Manager on nothing (keeps ZeRO-3 ranks in step)
+            features = hidden.new_zeros(0, num_layers, width)
+            if self.stack.layer_embedding is not None:
+                features = features + self.stack.layer_embedding.weight.to(hidden.dtype)
+        token_sample = torch.div(positions, seq_len, rounding_mode="floor")
+        query = self._query_plan(state, image_mask, hidden) if self.config.is_adaptive and has_images else None
+        state.plan = InjectionPlan(positions=positions, features=features, token_sample=token_sample, query=query)
+        return None
+
+    def _image_token_mask(self, state: _ForwardState, hidden: torch.Tensor) -> torch.Tensor:
+        return self._token_mask(state, hidden, self.llava_model.config.image_token_id)
+
+    def _token_mask(self, state: _ForwardState, hidden: torch.Tensor, token_id: int) -> torch.Tensor:
+        if state.input_ids is not None:
+            return (state.input_ids == token_id).to(hidden.device)
+        embeds = state.inputs_embeds
+        token_embedding = self.llava_model.get_input_embeddings()(
+            torch.tensor(token_id, dtype=torch.long, device=embeds.device)
+        )
+        return (embeds == token_embedding).all(-1).to(hidden.device)
+
+    def _query_plan(self, state: _ForwardState, image_mask: torch.Tensor, hidden: torch.Tensor) -> _QueryPlan:
+        """Instruction positions per sample, as the released code finds them from `<|im_start|>`."""
+        batch, seq_len = image_mask.shape
+        starts_mask = self._token_mask(state, hidden, self.config.query_token_id)
+        if state.attention_mask is not None and state.attention_mask.dim() == 2:
+            valid = state.attention_mask.to(torch.bool).to(hidden.device)
+        else:
+            valid = torch.ones_like(image_mask)
+        positions, samples, lasts, segments = [], [], [], []
+        image_rows = image_mask.cpu().tolist()
+        start_rows = starts_mask.cpu().tolist()
+        valid_rows = valid.cpu().tolist()
+        for b in range(batch):
+            span = instruction_positions(image_rows[b], start_rows[b], valid_rows[b])
+            begin = len(positions)
+            positions.extend(b * seq_len + p for p in span)
+            samples.extend([b] * len(span))
+            segments.append((begin, len(positions)))
+            lasts.append(len(positions) - 1)
+        device = hidden.device
+        return _QueryPlan(
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            query_sample=torch.tensor(samples, dtype=torch.long, device=device),
+            query_last=torch.tensor(lasts, dtype=torch.long, device=device),
+            segments=segments,
+        )
+
+    # ---- 4: the decoder-layer hooks ----------------------------------------------------------------------
+    def _make_layer_hook(self, index: int):
+        manager = self.stack.managers[index]
+
+        def hook(module, args, kwargs):
+            state = self._state.get()
+            if state is None or state.plan is None:
+                return None
+            plan = state.plan
+            hidden = args[0] if args else kwargs["hidden_states"]
+            flat = hidden.reshape(-1, hidden.shape[-1])  # (B * L, D)
+            if isinstance(manager, AdaptiveManager):
+                delta = manager(plan.features, context=self._query_context(plan, flat))
+            else:
+                delta = manager(plan.features)  # (T, D)
+            updated = flat.index_add(0, plan.positions, delta.to(hidden.dtype)).view_as(hidden)
+            if args:
+                return (updated, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": updated}
+
+        return hook
+
+    def _query_context(self, plan: InjectionPlan, flat_hidden: torch.Tensor) -> QueryContext:
+        visual_hidden = flat_hidden[plan.positions]  # (T, D)
+        query = plan.query
+        if query is None:  # text-only forward: nothing to attend to
+            empty = plan.positions.new_zeros(0)
+            return QueryContext(visual_hidden, visual_hidden, plan.token_sample, plan.token_sample, empty, [])
+        query_hidden, query_sample = flat_hidden[query.positions], query.query_sample
+        segments, lasts = query.segments, query.query_last
+        if any(start == end for start, end in segments):
+            # a sample without instruction tokens uses its own visual states as the query (as released)
+            parts, samples, segments, last_list = [], [], [], []
+            for b, (start, end) in enumerate(query.segments):
+                own = query_hidden[start:end] if end > start else visual_hidden[plan.token_sample == b]
+                begin = sum(p.shape[0] for p in parts)
+                parts.append(own)
+                samples.append(torch.full((own.shape[0],), b, dtype=torch.long, device=own.device))
+                segments.append((begin, begin + own.shape[0]))
+                last_list.append(begin + own.shape[0] - 1)
+            query_hidden, query_sample = torch.cat(parts), torch.cat(samples)
+            lasts = torch.tensor(last_list, dtype=torch.long, device=query_hidden.device)
+        return QueryContext(
+            hidden=visual_hidden,
+            query_hidden=query_hidden,
+            token_sample=plan.token_sample,
+            query_sample=query_sample,
+            query_last=lasts,
+            query_segments=segments,
+        )
+
+
+def instruction_positions(is_image: list[bool], is_start: list[bool], is_valid: list[bool]) -> list[int]:
+    """Positions of a sample's instruction tokens in its (expanded) sequence, as the released code finds them.
+
+    With `p`/`e` the first / one-past-last image token and `s1`, `s2` the 2nd and 3rd `<|im_start|>` (`s2` = end
+    of the sample if absent): `[s1 + 3, p - 1)` (the user text before the image, without `<|im_start|>user\\n`
+    and the `\\n` before the image) plus `[e + 1, s2 - 2)` (after the image's `\\n`, before `<|im_end|>\\n`).
+    Prompts with fewer than two `<|im_start|>` ("plain"): `[e, end - 1)`. Image tokens are never included.
+    """
+    valid = [i for i, ok in enumerate(is_valid) if ok]
+    if not valid:
+        return []
+    begin, end = valid[0], valid[-1] + 1
+    images = [i for i in range(begin, end) if is_image[i]]
+    if not images:
+        return []
+    first, after = images[0], images[-1] + 1
+    starts = [i for i in range(begin, end) if is_start[i]]
+    if len(starts) < 2:
+        span = list(range(after, end - 1))
+    else:
+        s1 = starts[1]
+        s2 = starts[2] if len(starts) > 2 else end
+        span = list(range(s1 + 3, first - 1)) + list(range(after + 1, s2 - 2))
+    return [i for i in span if begin <= i < end and not is_image[i]]
+
+
+def _cache_length(past_key_values) -> int:
+    if past_key_values is None:
+        return 0
+    get_length = getattr(past_key_values, "get_seq_length", None)
+    if get_length is not None:
+        try:
+            return int(get_length())
+        except Exception:  # some caches need a layer index
+            return int(get_length(0))
+    return 0

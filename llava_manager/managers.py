@@ -1,0 +1,207 @@
+"""The Manager modules: pure tensor math, no knowledge of transformers.
+
+Shapes used below: `T` visual tokens (all images of the batch, flattened), `N` selected vision
+layers, `D` width (LLM hidden size for `injection="llm"`, SigLIP width for `"projector"`).
+Every Manager is zero-initialised, so a freshly patched model is the unpatched model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ManagerConfig
+
+
+def _jittered(weight: torch.Tensor, jitter: float, training: bool) -> torch.Tensor:
+    """`weight * U(1 - jitter, 1 + jitter)` in training (fresh noise every call), `weight` otherwise."""
+    if not training or jitter == 0:
+        return weight
+    noise = torch.empty_like(weight).uniform_(1 - jitter, 1 + jitter)
+    return weight * noise
+
+
+class LayerEmbedding(nn.Module):
+    """A learned vector per selected vision layer, added to that layer's (projected) features."""
+
+    def __init__(self, num_layers: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_layers, width) / math.sqrt(width))
+
+    def forward(self, layer_features: torch.Tensor) -> torch.Tensor:
+        # layer_features: (crops, N, tokens, D) -> same shape
+        return layer_features + self.weight[:, None, :].to(layer_features.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.weight.shape[0]}, width={self.weight.shape[1]}"
+
+
+class StaticManager(nn.Module):
+    """The released `static_zerouni` Manager: `sum_n w[n] * X[..., n, :]`, one weight per layer and channel.
+
+    With `num_layers` smaller than the number of features given (the Manager at LLM layer 0), only the
+    first `num_layers` vision layers are used, as in the released code.
+    """
+
+    def __init__(self, num_layers: int, width: int, jitter: float = 0.0):
+        super().__init__()
+        self.jitter = jitter
+        self.layer_scores = nn.Parameter(torch.zeros(num_layers, width))
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_scores.shape[0]
+
+    def layer_weights(self) -> torch.Tensor:
+        """(num_layers, D) weights as used in this forward (jittered in training)."""
+        return _jittered(self.layer_scores, self.jitter, self.training)
+
+    def forward(self, features: torch.Tensor, **_context) -> torch.Tensor:
+        # features: (..., N, D) -> (..., D)
+        weights = self.layer_weights().to(features.dtype)
+        return (features[..., : self.num_layers, :] * weights).sum(-2)
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, width={self.layer_scores.shape[1]}, jitter={self.jitter}"
+
+
+@dataclass
+class QueryContext:
+    """What the adaptive Managers read besides the features, for the `T` visual tokens of a forward.
+
+    Attributes:
+        hidden (`(T, D)`): the LLM hidden state at the visual tokens (input of the decoder layer).
+        query_hidden (`(Q, D)`): the hidden state at the instruction tokens of all samples, concatenated.
+        token_sample (`(T,)`): sample index of each visual token.
+        query_sample (`(Q,)`): sample index of each instruction token.
+        query_last (`(B,)`): index into `query_hidden` of each sample's last instruction token.
+        query_segments (`list[tuple[int, int]]`): `[start, end)` of each sample's tokens in `query_hidden`.
+    """
+
+    hidden: torch.Tensor
+    query_hidden: torch.Tensor
+    token_sample: torch.Tensor
+    query_sample: torch.Tensor
+    query_last: torch.Tensor
+    query_segments: list[tuple[int, int]]
+
+
+class CrossQuery(nn.Module):
+    """Scaled dot-product attention from each visual state over its sample's instruction tokens (no value proj)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+
+    def forward(self, context: QueryContext) -> torch.Tensor:
+        queries = self.q_proj(context.hidden)  # (T, D)
+        keys = self.k_proj(context.query_hidden)  # (Q, D)
+        scores = queries @ keys.transpose(0, 1) / math.sqrt(queries.shape[-1])  # (T, Q)
+        same_sample = context.token_sample[:, None] == context.query_sample[None, :]
+        scores = scores.masked_fill(~same_sample, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ context.query_hidden  # (T, D)
+
+
+class AdaptiveManager(nn.Module):
+    """Per-token layer scores from the LLM state (and the instruction), gated by a zero-init `zero_gate`.
+
+    `query`: `None` (scores from the visual state only), `"last"` / `"average"` (the instruction's last token /
+    mean, concatenated before the visual state) or `"cross"` (attention over the instruction tokens).
+    Output: `sum_n S[:, n] * zero_gate[n] * X[:, n]`, no softmax.
+    """
+
+    def __init__(self, num_layers: int, width: int, query: str | None, jitter: float = 0.0):
+        super().__init__()
+        self.query = query
+        self.jitter = jitter
+        self.zero_gate = nn.Parameter(torch.zeros(num_layers, width))
+        in_features = width if query is None else 2 * width
+        self.linear_controller = nn.Linear(in_features, num_layers, bias=False)
+        self.fusion_attention = CrossQuery(width) if query == "cross" else None
+
+    @property
+    def num_layers(self) -> int:
+        return self.zero_gate.shape[0]
+
+    def layer_weights(self) -> torch.Tensor:
+        return _jittered(self.zero_gate, self.jitter, self.training)
+
+    def _query_vectors(self, context: QueryContext) -> torch.Tensor:
+        """(T, D) query vector of each visual token."""
+        if self.query == "cross":
+            return self.fusion_attention(context)
+        if self.query == "last":
+            per_sample = context.query_hidden[context.query_last]  # (B, D)
+        else:  # average, per sample, as `Q.mean(0)` in the original
+            per_sample = torch.stack(
+                [context.query_hidden[start:end].mean(0) for start, end in context.query_segments]
+            )  # (B, D)
+        return per_sample[context.token_sample]
+
+    def forward(self, features: torch.Tensor, context: QueryContext | None = None) -> torch.Tensor:
+        # features: (T, N, D); context.hidden: (T, D) -> (T, D)
+        if context is None:
+            raise ValueError("AdaptiveManager needs the LLM hidden state (a QueryContext)")
+        controller_input = context.hidden
+        if self.query is not None:
+            controller_input = torch.cat([self._query_vectors(context), context.hidden], dim=-1)
+        scores = self.linear_controller(controller_input.to(self.linear_controller.weight.dtype))  # (T, N)
+        gate = self.layer_weights()
+        weights = scores[:, :, None] * gate[None]  # (T, N, D)
+        return (weights.to(features.dtype) * features[..., : self.num_layers, :]).sum(-2)
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, query={self.query}, jitter={self.jitter}"
+
+
+_QUERY_OF_TYPE = {"adaptive": None, "adaptive_last": "last", "adaptive_average": "average", "adaptive_cross": "cross"}
+
+
+class ManagerStack(nn.Module):
+    """All parameters llava-manager adds to a model, under one submodule (`model.model.manager`).
+
+    `managers[i]` serves decoder layer `config.llm_layers[i]` (`injection="llm"`), or is the single vision-space
+    Manager (`injection="projector"`). The Manager at LLM layer 0 uses the first N-1 vision layers.
+    """
+
+    def __init__(self, config: ManagerConfig, width: int):
+        super().__init__()
+        self.config = config
+        num_layers = len(config.vision_layers)
+        self.layer_embedding = LayerEmbedding(num_layers, width) if config.layer_embedding else None
+        managers = []
+        if config.injection == "projector":
+            managers.append(StaticManager(num_layers, width, config.jitter))
+        else:
+            for llm_layer in config.llm_layers:
+                if llm_layer == 0:
+                    managers.append(StaticManager(num_layers - 1, width, config.jitter))
+                elif config.is_adaptive:
+                    query = _QUERY_OF_TYPE[config.manager_type]
+                    managers.append(AdaptiveManager(num_layers, width, query, config.jitter))
+                else:
+                    managers.append(StaticManager(num_layers, width, config.jitter))
+        self.managers = nn.ModuleList(managers)
+
+    def embed_layers(self, layer_features: torch.Tensor) -> torch.Tensor:
+        return layer_features if self.layer_embedding is None else self.layer_embedding(layer_features)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        where = f"llm_layers={c.llm_layers}" if c.injection == "llm" else "injection=projector"
+        return f"type={c.manager_type}, vision_layers={c.vision_layers}, {where}, grid={c.grid}"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zero every Manager weight (identity) and redraw the layer embedding, as at patch time."""
+        for module in self.modules():
+            if isinstance(module, StaticManager):
+                module.layer_scores.zero_()
+            elif isinstance(module, AdaptiveManager):
+                module.zero_gate.zero_()
+            elif isinstance(module, LayerEmbedding):
+                module.weight.normal_(0.0, 1 / math.sqrt(module.weight.shape[1]))

@@ -1,0 +1,82 @@
+"""The `llava_onevision_manager` model type, registered with the Auto classes at import.
+
+A patched model is a `LlavaOnevisionManagerForConditionalGeneration` (a subclass of transformers'
+LLaVA-OV class that adds nothing but the patch) with a `LlavaOnevisionManagerConfig` (LLaVA-OV's
+config plus two plain dicts: `manager`, `image_layout`). So `save_pretrained` writes an ordinary
+safetensors checkpoint and `AutoModelForImageTextToText.from_pretrained` rebuilds the patched
+model, with no `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+)
+
+from .managers import AdaptiveManager, CrossQuery, LayerEmbedding, StaticManager
+
+MODEL_TYPE = "llava_onevision_manager"
+
+
+class LlavaOnevisionManagerConfig(LlavaOnevisionConfig):
+    """`LlavaOnevisionConfig` plus `manager` (a `ManagerConfig` dict, or None) and `image_layout` (an
+    `ImageLayout` dict)."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, manager: dict | None = None, image_layout: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.manager = dict(manager) if manager is not None else None
+        self.image_layout = dict(image_layout) if image_layout is not None else {}
+
+
+class LlavaOnevisionManagerForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision with Managers (arXiv 2506.11515). Build it with `patch_llava` or load it with
+    `AutoModelForImageTextToText.from_pretrained` / `llava_manager.from_pretrained`."""
+
+    config_class = LlavaOnevisionManagerConfig
+
+    def __init__(self, config: LlavaOnevisionManagerConfig):
+        super().__init__(config)
+        from .patch import attach_from_config
+
+        attach_from_config(self)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        from transformers import initialization as init
+
+        if isinstance(module, StaticManager):
+            init.zeros_(module.layer_scores)
+        elif isinstance(module, AdaptiveManager):
+            init.zeros_(module.zero_gate)
+        elif isinstance(module, LayerEmbedding):
+            init.normal_(module.weight, mean=0.0, std=1 / math.sqrt(module.weight.shape[1]))
+        elif isinstance(module, CrossQuery):
+            pass  # its Linear layers are initialised by the base class
+
+
+def _register() -> None:
+    AutoConfig.register(MODEL_TYPE, LlavaOnevisionManagerConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(
+        LlavaOnevisionManagerConfig, LlavaOnevisionManagerForConditionalGeneration, exist_ok=True
+    )
+    # the on-disk key layout (legacy `language_model.model.*` ...) is LLaVA-OV's
+    from transformers import conversion_mapping
+
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping("llava_onevision")
+    if mapping is not None:
+        try:
+            conversion_mapping.register_checkpoint_conversion_mapping(MODEL_TYPE, mapping)
+        except ValueError:  # already registered (re-import)
+            pass
+
+
+_register()

@@ -1,0 +1,102 @@
+"""Lay per-crop features out as image tokens, exactly as LLaVA-OV does for its main feature.
+
+One function packs any channel width, so the main feature and the N Manager layers are folded
+into the channel axis and laid out in one pass (the bilinear `anyres_max` shrink is per channel,
+so folding is exact). Layout per image: base crop tokens (row-major), then the grid crops
+stitched, unpadded to the image's aspect ratio, shrunk under `anyres_max_K`, with a newline
+vector after every row. `square` mode: the base crop only, no newline.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+from .config import ManagerConfigError
+
+
+def parse_max_crops(vision_aspect_ratio: str) -> int | None:
+    """`"anyres_max_9"` -> 9, `"anyres"` -> None (no shrink). Strict: anything else raises."""
+    if vision_aspect_ratio == "anyres":
+        return None
+    match = re.fullmatch(r"anyres_max_(\d+)", vision_aspect_ratio or "")
+    if match is None:
+        raise ManagerConfigError(
+            f"vision_aspect_ratio={vision_aspect_ratio!r} is not supported: use 'anyres' or 'anyres_max_<N>'."
+        )
+    return int(match.group(1))
+
+
+def kept_size(original: int, scale: float, unpad: str) -> int:
+    """Size of the unpadded side: transformers rounds (`int(round(x, 7))`), the original truncates (`int(x)`)."""
+    value = original * scale
+    return int(round(value, 7)) if unpad == "round" else int(value)
+
+
+def unpad(feature_map: torch.Tensor, original_hw: tuple[int, int], unpad_mode: str) -> torch.Tensor:
+    """Crop the padding that the AnyRes resize added. feature_map: (C, H, W) -> (C, h, w)."""
+    original_height, original_width = original_hw
+    _, current_height, current_width = feature_map.shape
+    if original_width / original_height > current_width / current_height:
+        new_height = kept_size(original_height, current_width / original_width, unpad_mode)
+        padding = (current_height - new_height) // 2
+        return feature_map[:, padding : current_height - padding, :]
+    new_width = kept_size(original_width, current_height / original_height, unpad_mode)
+    padding = (current_width - new_width) // 2
+    return feature_map[:, :, padding : current_width - padding]
+
+
+def pack_image(
+    crop_features: torch.Tensor,
+    image_size_hw: tuple[int, int],
+    *,
+    grid_pinpoints: list[list[int]],
+    crop_pixels: int,
+    newline: torch.Tensor | None,
+    max_crops: int | None,
+    unpad_mode: str = "round",
+    square: bool = False,
+) -> torch.Tensor:
+    """Pack one image's crops into its token sequence.
+
+    Args:
+        crop_features (`torch.Tensor` of shape `(crops, side * side, C)`): crop 0 is the base (whole image),
+            crops 1.. the AnyRes grid in row-major order.
+        image_size_hw (`tuple[int, int]`): the original image size as (height, width).
+        grid_pinpoints (`list[list[int]]`): the model's pinpoints, (height, width) pairs.
+        crop_pixels (`int`): the vision tower's input size (384 for SigLIP-so400m).
+        newline (`torch.Tensor` of shape `(C,)`, *optional*): appended after every row of the grid.
+        max_crops (`int`, *optional*): the K of `anyres_max_K`, or None for plain `anyres`.
+        unpad_mode (`str`): `"round"` (transformers) or `"truncate"` (original LLaVA-NeXT).
+        square (`bool`): one crop, no newline (the no-grid checkpoints).
+
+    Returns:
+        `torch.Tensor` of shape `(tokens, C)`.
+    """
+    base = crop_features[0]  # (side*side, C)
+    if square:
+        return base
+    if crop_features.shape[0] == 1:  # a single crop (multi-image samples): base + one newline, like transformers
+        return base if newline is None else torch.cat([base, newline[None].to(base)], dim=0)
+    side = math.isqrt(base.shape[0])
+    if side * side != base.shape[0]:
+        raise ValueError(f"a crop has {base.shape[0]} tokens, which is not a square grid")
+    rows, cols = get_anyres_image_grid_shape(image_size_hw, grid_pinpoints, crop_pixels)
+    grid = crop_features[1:].view(rows, cols, side, side, -1)  # (rows, cols, side, side, C)
+    grid = grid.permute(4, 0, 2, 1, 3).contiguous()  # (C, rows, side, cols, side)
+    grid = grid.flatten(1, 2).flatten(2, 3)  # (C, rows*side, cols*side)
+    grid = unpad(grid, image_size_hw, unpad_mode)
+    if max_crops is not None:
+        channels, height, width = grid.shape
+        ratio = math.sqrt(height * width / (max_crops * side**2))
+        if ratio > 1.1:
+            grid = nn.functional.interpolate(grid[None], [int(height // ratio), int(width // ratio)], mode="bilinear")[0]
+    if newline is not None:
+        newline_column = newline[:, None, None].to(grid).expand(*grid.shape[:-1], 1)  # (C, h, 1)
+        grid = torch.cat([grid, newline_column], dim=-1)  # (C, h, w+1)
+    grid = grid.flatten(1, 2).transpose(0, 1)  # (h*(w+1), C)
+    return torch.cat([base, grid], dim=0)
