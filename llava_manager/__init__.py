@@ -11,6 +11,7 @@ from .modeling import (  # noqa: E402  (registers the model type with the Auto c
     LlavaOnevisionManagerConfig,
     LlavaOnevisionManagerForConditionalGeneration,
 )
+from .convert import load_original  # noqa: E402
 from .patch import is_patched, patch_llava, unpatch_llava  # noqa: E402
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ManagerConfigError",
     "ManagerError",
     "is_patched",
+    "load_original",
     "patch_llava",
     "unpatch_llava",
 ]
