@@ -1,0 +1,45 @@
+"""Small input batches for the tiny model, made with the real HF processor."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageDraw
+
+from llava_manager.tiny import tiny_processor
+
+
+def picture(width: int, height: int, colour: str = "red", seed: int = 0) -> Image.Image:
+    image = Image.new("RGB", (width, height), (20 + 40 * seed % 200, 60, 90))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([width // 5, height // 5, width // 2, height // 2], fill=colour)
+    draw.rectangle([width // 2, height // 2, width - 2, height - 2], fill="blue")
+    return image
+
+
+def prompt(processor, question: str, images: int) -> str:
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def single_image_batch(processor=None, size=(50, 30), question="What color is the circle?"):
+    processor = processor or tiny_processor()
+    return processor(images=[picture(*size)], text=prompt(processor, question, 1), return_tensors="pt")
+
+
+def multi_image_batch(processor=None):
+    processor = processor or tiny_processor()
+    text = prompt(processor, "Which image is larger?", 2)
+    return processor(images=[[picture(50, 30), picture(40, 70, "green", 1)]], text=[text], return_tensors="pt")
+
+
+def text_only_batch(processor=None):
+    processor = processor or tiny_processor()
+    texts = [prompt(processor, "What is a circle?", 0), prompt(processor, "Count to three.", 0)]
+    return processor(text=texts, return_tensors="pt", padding=True)
+
+
+def two_image_prompts_batch(processor=None):
+    """Two samples, one image each, different sizes, left padded (for generation)."""
+    processor = processor or tiny_processor()
+    processor.tokenizer.padding_side = "left"
+    texts = [prompt(processor, "What color is the circle?", 1), prompt(processor, "Where?", 1)]
+    return processor(images=[picture(50, 30), picture(70, 90, "green", 1)], text=texts, return_tensors="pt", padding=True)
