@@ -48,6 +48,33 @@ class LlavaOnevisionManagerForConditionalGeneration(LlavaOnevisionForConditional
 
         attach_from_config(self)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, strict about the Managers: weights that do not fit the config's
+        `manager` settings, or Manager weights missing from the checkpoint, raise `ManagerError`."""
+        from .config import ManagerError
+
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as error:
+            if "mismatched" not in str(error):
+                raise
+            raise ManagerError(
+                f"{pretrained_model_name_or_path}: the weights do not match the shapes its config.json implies (see "
+                "the load report above); was config.json edited, or saved by a different run than the weights?"
+            ) from error
+        missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith("model.manager."))
+        if missing:
+            raise ManagerError(
+                f"{pretrained_model_name_or_path}: config.json declares Managers but the weights lack "
+                f"{len(missing)} of their tensors (e.g. {missing[0]}); the checkpoint is incomplete or not a "
+                "llava-manager checkpoint"
+            )
+        return (model, info) if want_info else model
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -98,6 +98,7 @@ def _patch(model, config: ManagerConfig | None, layout: ImageLayout):
     original_config = model.config
     new_config = copy.copy(original_config)
     new_config.__class__ = LlavaOnevisionManagerConfig
+    new_config.__dict__.pop("model_type", None)  # a config read from disk stores its model_type per instance
     new_config.manager = resolved.to_dict() if resolved is not None else None
     new_config.image_layout = layout.to_dict()
     original_class = type(model)
@@ -181,7 +182,7 @@ def unpatch_llava(model):
         # loaded as a LlavaOnevisionManagerForConditionalGeneration: go back to a plain LLaVA-OV config/class
         base_config = copy.copy(model.config)
         base_config.__class__ = LlavaOnevisionManagerConfig.__mro__[1]
-        for name in ("manager", "image_layout"):
+        for name in ("manager", "image_layout", "model_type"):
             base_config.__dict__.pop(name, None)
         record.original_config, record.original_class = base_config, LlavaOnevisionForConditionalGeneration
     current_config = model.config

@@ -1,0 +1,64 @@
+"""generate(): features computed before prefill travel with the image features (beam search, left padding),
+the first step equals a plain forward, and decode steps do no Manager work."""
+
+import pytest
+import torch
+
+from inputs import single_image_batch, two_image_prompts_batch
+from llava_manager import ManagerConfig, patch_llava
+from llava_manager.tiny import tiny_model
+from test_patch import perturb
+
+CONFIGS = {
+    "static": ManagerConfig(llm_layers=[0, 1, 3]),
+    "adaptive_average": ManagerConfig(manager_type="adaptive_average", llm_layers=[0, 2], query_token_id=1),
+}
+
+
+def _model(name):
+    model = patch_llava(tiny_model(), CONFIGS[name])
+    perturb(model)
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_first_generated_step_equals_forward(name):
+    model, batch = _model(name), two_image_prompts_batch()
+    with torch.no_grad():
+        forward_last = model(**batch).logits[:, -1]
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    torch.testing.assert_close(out.logits[0], forward_last, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_generate_with_and_without_cache_gives_the_same_tokens(name):
+    model, batch = _model(name), single_image_batch()
+    cached = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    uncached = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_beam_search_and_num_return_sequences():
+    model, batch = _model("static"), two_image_prompts_batch()
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
+    assert out.shape[0] == 4
+    single = model.generate(**batch, max_new_tokens=4, do_sample=False, num_beams=3)
+    assert torch.equal(out[::2], single)  # the best beam of each sample, with or without extra sequences
+
+
+def test_decode_steps_do_no_manager_work():
+    model, batch = _model("static"), single_image_batch()
+    calls = []
+    for manager in model.model.manager.managers:
+        manager.register_forward_hook(lambda *args: calls.append(1))
+    model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert len(calls) == len(model.model.manager.managers)  # prefill only, once each
+
+
+def test_managers_change_the_generated_distribution():
+    batch = single_image_batch()
+    plain = tiny_model().generate(**batch, max_new_tokens=2, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    managed = _model("static").generate(**batch, max_new_tokens=2, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True)
+    assert (managed.logits[0] - plain.logits[0]).abs().max() > 1e-3
