@@ -274,6 +274,30 @@ def map_key(key: str) -> str | None:
     raise ConversionError(f"unexpected key {key!r} in an original LLaVA-OV checkpoint")
 
 
+def tokenizer_token_ids(checkpoint_dir: Path, vocab_size: int) -> dict[str, int]:
+    """Ids from the tokenizer saved beside the weights, if any: `<|im_start|>`, and `<image>` / `<video>` (the ids
+    they have, or the ids they get when appended to the tokenizer, as the processor does)."""
+    if not any((checkpoint_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return {}
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+    except Exception:  # an unreadable tokenizer is the processor's problem, not the conversion's
+        return {}
+    vocab = tokenizer.get_vocab()
+    ids = {}
+    if "<|im_start|>" in vocab:
+        ids["im_start"] = vocab["<|im_start|>"]
+    next_id = len(tokenizer)
+    for name, token in (("image", "<image>"), ("video", "<video>")):
+        if token in vocab:
+            ids[name] = vocab[token]
+        elif next_id < vocab_size:
+            ids[name], next_id = next_id, next_id + 1
+    return ids
+
+
 def _count_vision_layers(keys) -> int:
     pattern = re.compile(re.escape(_VISION_PREFIX) + r"encoder\.layers\.(\d+)\.")
     indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
@@ -324,6 +348,10 @@ def load_original(
         )
     if state_dict is None:
         state_dict = read_state_dict(weight_files(checkpoint_dir))
+    tokenizer_ids = tokenizer_token_ids(checkpoint_dir, original["vocab_size"])
+    image_token_id = tokenizer_ids.get("image") if image_token_id is None else image_token_id
+    video_token_id = tokenizer_ids.get("video") if video_token_id is None else video_token_id
+    im_start_token_id = tokenizer_ids.get("im_start") if im_start_token_id is None else im_start_token_id
     hf_config, manager_config, layout = convert_config(
         original,
         checkpoint_dir=checkpoint_dir,

@@ -232,6 +232,37 @@ class LLMInjection:
         )
 
 
+class ProjectorIdleRun:
+    """`injection="projector"`: the vision-space Manager runs inside get_image_features, which transformers skips
+    on text-only forwards. There, in training, run it on nothing and add the (zero) result to the embeddings, so
+    every rank uses every Manager parameter every step (ZeRO-3 gathers them collectively)."""
+
+    def __init__(self, llava_model, stack: ManagerStack, features):
+        self.stack = stack
+        self.features = features
+        self._handles = [
+            llava_model.register_forward_pre_hook(self._enter),
+            llava_model.language_model.register_forward_pre_hook(self._before_llm, with_kwargs=True),
+        ]
+
+    def _enter(self, module, args):
+        self.features.last_output = None
+
+    def _before_llm(self, module, args, kwargs):
+        hidden = kwargs.get("inputs_embeds")
+        if hidden is None or self.features.last_output is not None or not (self.stack.training and torch.is_grad_enabled()):
+            return None
+        num_layers = len(self.stack.config.vision_layers)
+        nothing = hidden.new_zeros(0, num_layers, self.stack.managers[0].layer_scores.shape[1])
+        zero = self.stack.managers[0](self.stack.embed_layers(nothing[:, :, None, :]).squeeze(2)).sum()
+        return args, {**kwargs, "inputs_embeds": hidden + zero.to(hidden.dtype)}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
 def instruction_positions(is_image: list[bool], is_start: list[bool], is_valid: list[bool]) -> list[int]:
     """Positions of a sample's instruction tokens in its (expanded) sequence, as the released code finds them.
 

@@ -17,7 +17,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from .config import ImageLayout, ManagerConfig, ManagerError
 from .features import ImageFeatureComputer
-from .injection import LLMInjection
+from .injection import LLMInjection, ProjectorIdleRun
 from .managers import ManagerStack
 from .modeling import LlavaOnevisionManagerConfig, LlavaOnevisionManagerForConditionalGeneration
 
@@ -29,7 +29,7 @@ class _PatchRecord:
     manager_config: ManagerConfig | None
     layout: ImageLayout
     features: ImageFeatureComputer
-    injection: LLMInjection | None
+    injection: LLMInjection | ProjectorIdleRun | None
     original_config: object | None = None
     original_class: type | None = None
 
@@ -136,7 +136,9 @@ def _attach(model, config: ManagerConfig | None, layout: ImageLayout) -> _PatchR
         llava.manager = stack
     features = ImageFeatureComputer(llava, stack, config, layout)
     llava.get_image_features = features
-    injection = LLMInjection(llava, stack, features) if config is not None and config.injection == "llm" else None
+    injection = None
+    if config is not None:
+        injection = (LLMInjection if config.injection == "llm" else ProjectorIdleRun)(llava, stack, features)
     record = _PatchRecord(manager_config=config, layout=layout, features=features, injection=injection)
     object.__setattr__(model, _RECORD, record)
     return record

@@ -143,13 +143,15 @@ def _count_manager_calls(model):
 
 
 @pytest.mark.parametrize("batch_name", BATCHES)
-def test_every_manager_runs_once_per_forward(batch_name):
-    model = patch_llava(tiny_model(), ManagerConfig(llm_layers=[0, 1, 3]))
+@pytest.mark.parametrize("injection", ["llm", "projector"])
+def test_every_manager_runs_once_per_forward(batch_name, injection):
+    config = ManagerConfig(llm_layers=[0, 1, 3]) if injection == "llm" else ManagerConfig(injection="projector")
+    model = patch_llava(tiny_model(), config)
     model.train()
     calls = _count_manager_calls(model)
     batch = BATCHES[batch_name]()
     output = model(**batch, labels=batch["input_ids"])
-    assert calls == [0, 1, 2]
+    assert calls == list(range(len(model.model.manager.managers)))
     output.loss.backward()  # text-only included: every Manager parameter is in the graph (ZeRO-3 needs it)
     assert all(p.grad is not None for p in model.model.manager.parameters())
 

@@ -1,0 +1,407 @@
+"""`llava_manager`: LLaVA-OV(-Manager) models in lmms-eval, evaluated like the paper.
+
+Loads a checkpoint with `llava_manager.from_pretrained` (our HF format, or the released
+LLaVA-NeXT-format ones, converted), builds the authors' `qwen_1_5` prompt (see `prompt.py`),
+generates greedily unless the task asks otherwise, and returns only the new tokens.
+Data parallel over processes through lmms-eval's `Accelerator` handling
+(`accelerate launch --num_processes N -m lmms_eval ...`): every process holds a full replica
+and lmms-eval shards the requests by `rank` / `world_size`.
+
+Model args (`--model_args k=v,...`):
+    pretrained       local dir or Hub id (required)
+    subfolder        e.g. "Baseline + Grid + Manager" (quote the whole --model_args)
+    revision         Hub revision
+    conv_template    qwen_1_5 (default; also qwen_2, the same template)
+    model_name       accepted for the authors' command lines (llava_qwen_manager, llava_qwen);
+                     the architecture is read from the checkpoint
+    dtype            auto | bfloat16 | float16 | float32 (alias torch_dtype)
+    device, device_map, attn_implementation, use_cache
+    batch_size       requests per generate() call, left-padded (--batch_size sets it too)
+    max_new_tokens   default when the task sets none (1024, as the authors' model)
+    apply_until      cut answers at the task's `until` strings (default False: the authors'
+                     model ignored `until` and stopped at the end-of-turn token)
+    log_every        log the prompt of every N-th document at DEBUG (default 100; doc 0 always)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedType
+from loguru import logger as eval_logger
+from tqdm import tqdm
+
+from lmms_eval import utils
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+
+from .prompt import CONV_TEMPLATES, build_prompt, get_template, with_image_placeholders
+
+# Arguments of lmms-eval's `llava_onevision` model that the authors' scripts could pass; they
+# configure LLaVA-NeXT's own loader or video path and mean nothing here.
+_LEGACY_IGNORED_ARGS = {
+    "truncation",
+    "truncate_context",
+    "customized_config",
+    "max_frames_num",
+    "mm_spatial_pool_stride",
+    "mm_spatial_pool_mode",
+    "token_strategy",
+    "video_decode_backend",
+}
+# generate() keyword arguments a task YAML may set that we pass through as they are.
+_PASSTHROUGH_GEN_KWARGS = {"top_k", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "min_new_tokens"}
+# Task keys that configure other models' preprocessing (LLaVA-1.5's image_aspect_ratio, ...).
+_IGNORED_GEN_KWARGS = {"image_aspect_ratio", "modalities"}
+
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def _as_str(value: Any) -> str | None:
+    """lmms-eval turns numeric-looking model args into numbers; names are strings."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return text or None
+
+
+def _parse_dtype(value: Any):
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    text = str(value).lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return _DTYPES[text]
+    except KeyError:
+        raise ValueError(f"dtype={value!r}: use auto, bfloat16, float16 or float32") from None
+
+
+def load_model_and_processor(pretrained: str, subfolder: str | None = None, revision: str | None = None, **hf_kwargs):
+    """`llava_manager.from_pretrained`, or the Auto classes where that loader is not available.
+
+    For an HF-format directory (`save_pretrained` of a patched model and its processor) both are
+    the same; the loader also converts the released LLaVA-NeXT-format checkpoints.
+    """
+    import llava_manager  # registers the llava_onevision_manager model type with the Auto classes
+
+    loader = getattr(llava_manager, "from_pretrained", None)
+    if loader is None:
+        try:
+            from llava_manager.hub import from_pretrained as loader
+        except ModuleNotFoundError as error:
+            if error.name != "llava_manager.hub":
+                raise
+            loader = None
+    if loader is not None:
+        return loader(pretrained, subfolder=subfolder, revision=revision, **hf_kwargs)
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    location = {key: value for key, value in {"subfolder": subfolder, "revision": revision}.items() if value}
+    model = AutoModelForImageTextToText.from_pretrained(pretrained, **location, **hf_kwargs)
+    processor = AutoProcessor.from_pretrained(pretrained, **location)
+    return model, processor
+
+
+class LlavaManager(lmms):
+    """lmms-eval model for LLaVA-OneVision with or without Managers (arXiv 2506.11515)."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        conv_template: str = "qwen_1_5",
+        model_name: str | None = None,
+        dtype: Any = "auto",
+        torch_dtype: Any = None,
+        device: str | None = None,
+        device_map: str | None = None,
+        attn_implementation: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        use_cache: bool = True,
+        max_new_tokens: int = 1024,
+        apply_until: bool = False,
+        log_every: int = 100,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        ignored = sorted(set(kwargs) & _LEGACY_IGNORED_ARGS)
+        unknown = sorted(set(kwargs) - _LEGACY_IGNORED_ARGS)
+        if unknown:
+            raise ValueError(f"llava_manager: unknown model args {unknown}; see `help(llava_manager.eval.model)`")
+        if ignored:
+            eval_logger.warning(f"llava_manager: ignoring {ignored} (options of LLaVA-NeXT's loader, not used here)")
+
+        self.conv_template = _as_str(conv_template) or "qwen_1_5"
+        get_template(self.conv_template)  # fail early on an unknown template
+        self.model_name = _as_str(model_name)
+        try:
+            self.batch_size_per_gpu = int(batch_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"llava_manager: batch_size must be an integer, got {batch_size!r}") from None
+        if self.batch_size_per_gpu < 1:
+            raise ValueError("llava_manager: batch_size must be >= 1")
+        self.use_cache = bool(use_cache)
+        self.max_new_tokens = int(max_new_tokens)
+        self.apply_until = bool(apply_until)
+        self.log_every = max(int(log_every), 1)
+
+        # Data parallel: one full replica per process; lmms-eval shards requests by rank.
+        accelerator = Accelerator()
+        self.accelerator = accelerator
+        if accelerator.num_processes > 1:
+            if torch.cuda.is_available():
+                self._device = torch.device(f"cuda:{accelerator.local_process_index}")
+            else:
+                self._device = torch.device("cpu")
+            if device_map not in (None, ""):
+                eval_logger.warning("llava_manager: device_map is ignored with several processes (one replica per process)")
+            device_map = None
+            if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+                eval_logger.warning("llava_manager: evaluation replicates the model on every process; DeepSpeed/FSDP sharding is not used")
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+        else:
+            self._device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self._rank = 0
+            self._world_size = 1
+
+        hf_kwargs: dict[str, Any] = {"dtype": _parse_dtype(torch_dtype if torch_dtype is not None else dtype)}
+        if attn_implementation:
+            hf_kwargs["attn_implementation"] = _as_str(attn_implementation)
+        if device_map not in (None, ""):
+            hf_kwargs["device_map"] = _as_str(device_map)
+
+        self.pretrained = _as_str(pretrained)
+        if not self.pretrained:
+            raise ValueError("llava_manager: pretrained=PATH_OR_HUB_ID is required")
+        self._model, self._processor = load_model_and_processor(self.pretrained, subfolder=_as_str(subfolder), revision=_as_str(revision), **hf_kwargs)
+        self._model.eval()
+        if "device_map" not in hf_kwargs:
+            self._model.to(self._device)
+        self._config = self._model.config
+
+        tokenizer = self._processor.tokenizer
+        tokenizer.padding_side = "left"  # batched generation: the new tokens all start at the same column
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._tokenizer = tokenizer
+        self._eos_token_ids = self._stop_token_ids()
+
+        self._report_model()
+
+    # ---- lmms-eval's expected properties ---------------------------------------------------------
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def processor(self):
+        return self._processor
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._tokenizer.eos_token_id
+
+    # ---- setup helpers -------------------------------------------------------------------------
+
+    def _stop_token_ids(self) -> list[int]:
+        """End of turn (`<|im_end|>`), the tokenizer's EOS and the checkpoint's generation EOS."""
+        ids: list[int] = []
+        configured = getattr(self._model.generation_config, "eos_token_id", None)
+        for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [self._tokenizer.eos_token_id]:
+            if value is not None and value not in ids:
+                ids.append(int(value))
+        unk = self._tokenizer.unk_token_id
+        for token in ("<|im_end|>",):
+            token_id = self._tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != unk and token_id not in ids:
+                ids.append(token_id)
+        return ids
+
+    def _report_model(self) -> None:
+        try:
+            from llava_manager import is_patched
+
+            has_managers = bool(is_patched(self._model))
+        except ImportError:  # pragma: no cover - the core always has it
+            has_managers = "Manager" in type(self._model).__name__
+        if self.rank == 0:
+            eval_logger.info(
+                f"llava_manager: {type(self._model).__name__} from {self.pretrained} "
+                f"(managers: {has_managers}, dtype: {self._model.dtype}, device: {self._device}, "
+                f"processes: {self._world_size}, conv_template: {self.conv_template})"
+            )
+        if self.model_name and "manager" in self.model_name.lower() and not has_managers:
+            warnings.warn(f"model_name={self.model_name!r} names a Manager model but {self.pretrained} has no Managers", stacklevel=2)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
+        if visuals is None:
+            return []
+        if not isinstance(visuals, (list, tuple)):
+            visuals = [visuals]
+        images = []
+        for visual in visuals:
+            if isinstance(visual, str) or not hasattr(visual, "convert"):
+                raise NotImplementedError(f"llava_manager evaluates image tasks; {task} gives {type(visual).__name__} visuals (video/audio)")
+            images.append(visual.convert("RGB"))
+        return images
+
+    def _inputs(self, prompts: list[str], images: list):
+        inputs = self._processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
+        device = self._model.device if self._model.device.type != "meta" else self._device
+        inputs = inputs.to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        return inputs
+
+    def _log(self, task: str, doc_id: int, what: str, text: str) -> None:
+        if self.rank == 0 and doc_id % self.log_every == 0:
+            eval_logger.debug(f"{what} for {task} doc {doc_id}:\n{text}")
+
+    def _generation_kwargs(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        gen_kwargs = dict(gen_kwargs or {})  # the task's dict is shared by all its requests
+        until = gen_kwargs.pop("until", None)
+        until = [until] if isinstance(until, str) else list(until or [])
+        do_sample = bool(gen_kwargs.pop("do_sample", False))
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": int(gen_kwargs.pop("max_new_tokens", self.max_new_tokens)),
+            "num_beams": int(gen_kwargs.pop("num_beams", 1) or 1),
+            "do_sample": do_sample,
+            "use_cache": self.use_cache,
+            "pad_token_id": self._tokenizer.pad_token_id,
+            "eos_token_id": self._eos_token_ids,
+        }
+        temperature, top_p = gen_kwargs.pop("temperature", None), gen_kwargs.pop("top_p", None)
+        if do_sample:  # greedy otherwise, whatever temperature the task names (as the authors' model)
+            if temperature:
+                kwargs["temperature"] = float(temperature)
+            if top_p:
+                kwargs["top_p"] = float(top_p)
+        for key in list(gen_kwargs):
+            if key in _PASSTHROUGH_GEN_KWARGS:
+                kwargs[key] = gen_kwargs.pop(key)
+            elif key in _IGNORED_GEN_KWARGS:
+                gen_kwargs.pop(key)
+        if gen_kwargs:
+            eval_logger.debug(f"llava_manager: ignoring generation kwargs {sorted(gen_kwargs)}")
+        return kwargs, until
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        def _sort_key(args):  # longest first: a batch pads to its first prompt, OOMs show early
+            return -len(self._tokenizer.encode(args[0])), args[0]
+
+        collator = utils.Collator([request.args for request in requests], _sort_key, grouping=True)
+        progress = tqdm(total=len(requests), disable=(self.rank != 0), desc="Model Responding")
+        results: list[GenerationResult] = []
+        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+            contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk)
+            images_per_request = [self._visuals(fn, task, split, doc_id) for fn, task, split, doc_id in zip(doc_to_visuals, tasks, splits, doc_ids)]
+            prompts = [build_prompt(context, len(images), self.conv_template) for context, images in zip(contexts, images_per_request)]
+            for prompt, task, doc_id in zip(prompts, tasks, doc_ids):
+                self._log(task, doc_id, "Prompt", prompt)
+            generate_kwargs, until = self._generation_kwargs(all_gen_kwargs[0])  # grouped: same kwargs in a batch
+
+            inputs = self._inputs(prompts, [image for images in images_per_request for image in images])
+            with torch.inference_mode():
+                output_ids = self._model.generate(**inputs, **generate_kwargs)
+            prompt_length = inputs["input_ids"].shape[1]
+            new_tokens = output_ids[:, prompt_length:]  # decode only what the model added
+            texts = self._tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+            for row, (text, task, doc_id) in enumerate(zip(texts, tasks, doc_ids)):
+                if self.apply_until:
+                    for stop in until:
+                        if stop:
+                            text = text.split(stop)[0]
+                text = text.strip()
+                self._log(task, doc_id, "Answer", text)
+                counts = TokenCounts(
+                    input_tokens=int(inputs["attention_mask"][row].sum()),
+                    output_tokens=self._count_generated(new_tokens[row]),
+                )
+                results.append(GenerationResult(text=text, token_counts=counts))
+                self.cache_hook.add_partial("generate_until", (contexts[row], all_gen_kwargs[0]), text)
+            progress.update(len(chunk))
+        progress.close()
+        return collator.get_original(results)
+
+    def _count_generated(self, tokens: torch.Tensor) -> int:
+        """Generated tokens up to and including the first stop token (the rest is padding)."""
+        stops = torch.isin(tokens, torch.tensor(self._eos_token_ids, device=tokens.device))
+        if stops.any():
+            return int(stops.nonzero()[0, 0]) + 1
+        return int(tokens.numel())
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """Sum of the continuation's log-probabilities after the qwen_1_5 prompt, and whether
+        greedy decoding would produce it. The continuation is scored as the assistant turn,
+        closed by `<|im_end|>\\n`, like the authors' model (which returned the mean loss instead)."""
+        template = get_template(self.conv_template)
+        results = []
+        for context, doc_to_target, doc_to_visual, doc_id, task, split in tqdm([request.args for request in requests], disable=(self.rank != 0), desc="Model Responding"):
+            doc = self.task_dict[task][split][doc_id]
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            images = self._visuals(doc_to_visual, task, split, doc_id)
+            question = with_image_placeholders(context, len(images))
+            prompt = template.render([(0, question)])
+            full = template.render([(0, question), (1, str(continuation))], add_generation_prompt=False)
+            self._log(task, doc_id, "Prompt", full)
+            context_length = self._inputs([prompt], images)["input_ids"].shape[1]
+            inputs = self._inputs([full], images)
+            labels = inputs["input_ids"].clone()
+            labels[:, :context_length] = -100
+            with torch.inference_mode():
+                logits = self._model(**inputs).logits.float()
+            # position t predicts token t+1
+            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+            targets = labels[:, 1:]
+            mask = targets != -100
+            token_log_probs = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            total = float((token_log_probs * mask).sum())
+            greedy = bool((log_probs.argmax(-1)[mask] == targets[mask]).all())
+            results.append((total, greedy))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("llava_manager does not implement multi-round generation")
+
+
+__all__ = ["CONV_TEMPLATES", "LlavaManager", "load_model_and_processor"]

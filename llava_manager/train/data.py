@@ -1,0 +1,428 @@
+"""LLaVA conversation data: loading, checking, and encoding with the model's own processor.
+
+Input formats (as LLaVA-NeXT):
+
+- a JSON list or JSONL file of samples
+  `{"id", "image": str | [str], "conversations": [{"from": "human" | "gpt", "value": str}, ...]}`;
+  image paths are relative to the recipe's `image_folder`; `<image>` marks where each image goes;
+- a YAML mixture `datasets: [{json_path, sampling_strategy: all | first:N | first:N% | end:N | random:N,
+  image_folder (optional)}]`.
+
+`load_samples` reads and checks everything up front (structure, roles, `<image>` count against the
+images, image files), so bad data fails before any process group starts, naming file, sample and key.
+
+`ConversationEncoder` renders a sample in Qwen ChatML (`qwen_1_5`: the loss is on each answer and the
+`<|im_end|>` closing it) or LLaVA's `plain` caption format, expands every `<image>` to the number of
+image tokens the processor counts for that image, and truncates at `model_max_length`. A sample whose
+image tokens would be cut (or that has no answer token left) is dropped and counted, never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..config import ManagerError
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SAMPLING_STRATEGIES = ("all", "first", "end", "random")
+
+
+class DataError(ManagerError):
+    """Bad training data: the message names the file, the sample and the problem."""
+
+
+class DropSample(Exception):
+    """Raised by the encoder for a sample that must not be trained on; `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    """One checked conversation. `images` are resolved paths; `where` names the sample in messages."""
+
+    id: str
+    conversations: list[dict[str, str]]
+    images: list[str] = field(default_factory=list)
+    where: str = ""
+
+    @property
+    def modality_length(self) -> int:
+        """LLaVA's cheap length estimate: words (+ 128 per image); negative for text-only samples."""
+        words = sum(len(turn["value"].split()) for turn in self.conversations)
+        return words + 128 * len(self.images) if self.images else -max(words, 1)
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for line_number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"data file {path}, line {line_number}: not valid JSON ({error})") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"data file {path}: not valid JSON ({error})") from None
+    if not isinstance(records, list):
+        raise DataError(f"data file {path}: expected a JSON list of samples, got {type(records).__name__}")
+    return records
+
+
+def _sample_records(records: list, strategy: Any, where: str, rng: random.Random) -> list:
+    if not isinstance(strategy, str):
+        raise DataError(f"{where}: sampling_strategy={strategy!r} is invalid: use all, first:N, end:N or random:N")
+    name, _, number = strategy.partition(":")
+    if name not in SAMPLING_STRATEGIES or (name == "all") != (number == ""):
+        raise DataError(
+            f"{where}: sampling_strategy={strategy!r} is invalid: use all, first:N, first:N%, end:N or random:N"
+        )
+    if name == "all":
+        return records
+    try:
+        count = (
+            math.ceil(float(number[:-1]) * len(records) / 100) if number.endswith("%") else int(number)
+        )
+    except ValueError:
+        raise DataError(f"{where}: sampling_strategy={strategy!r}: {number!r} is not a count or a percentage") from None
+    if count < 0:
+        raise DataError(f"{where}: sampling_strategy={strategy!r}: the count must not be negative")
+    if name == "first":
+        return records[:count]
+    if name == "end":
+        return records[-count:] if count else []
+    shuffled = list(records)
+    rng.shuffle(shuffled)
+    return shuffled[:count]
+
+
+def _resolve(value: str, bases: list[Path]) -> Path:
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    for base in bases:
+        if (base / path).exists():
+            return base / path
+    return bases[0] / path
+
+
+def data_sources(data_path: Path, image_folder: Path | None, seed: int) -> list[tuple[Path, list, Path | None]]:
+    """[(file, records, image folder)] for a JSON/JSONL file or a YAML mixture."""
+    if not data_path.is_file():
+        raise DataError(f"data file {data_path} does not exist (recipe key 'data_path')")
+    if data_path.suffix not in (".yaml", ".yml"):
+        return [(data_path, _read_records(data_path), image_folder)]
+    try:
+        mixture = yaml.safe_load(data_path.read_text())
+    except yaml.YAMLError as error:
+        raise DataError(f"data mixture {data_path}: not valid YAML ({error})") from None
+    if not isinstance(mixture, dict) or not isinstance(mixture.get("datasets"), list) or not mixture["datasets"]:
+        raise DataError(f"data mixture {data_path}: expected `datasets:` with a non-empty list of entries")
+    rng = random.Random(seed)
+    sources = []
+    for index, entry in enumerate(mixture["datasets"]):
+        where = f"data mixture {data_path}, datasets[{index}]"
+        if not isinstance(entry, dict) or "json_path" not in entry:
+            raise DataError(f"{where}: each entry needs json_path (and optionally sampling_strategy, image_folder)")
+        unknown = set(entry) - {"json_path", "sampling_strategy", "image_folder"}
+        if unknown:
+            raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; use json_path, sampling_strategy, image_folder")
+        file = _resolve(str(entry["json_path"]), [Path.cwd(), data_path.parent])
+        if not file.is_file():
+            raise DataError(f"{where}: json_path {entry['json_path']!r} does not exist (tried {file})")
+        folder = image_folder
+        if entry.get("image_folder") is not None:
+            folder = _resolve(str(entry["image_folder"]), [Path.cwd(), data_path.parent])
+            if not folder.is_dir():
+                raise DataError(f"{where}: image_folder {entry['image_folder']!r} is not a folder (tried {folder})")
+        records = _sample_records(_read_records(file), entry.get("sampling_strategy", "all"), where, rng)
+        sources.append((file, records, folder))
+    return sources
+
+
+def check_record(record: Any, file: Path, index: int, image_folder: Path | None) -> Sample:
+    """Structure, roles and `<image>` count of one record; returns a `Sample` or raises `DataError`."""
+    where = f"{file}, sample {index}"
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+    sample_id = str(record.get("id", f"#{index}"))
+    where = f"{file}, sample {index} (id {sample_id!r})"
+    if record.get("video") is not None:
+        raise DataError(f"{where}: video samples are not supported (the released Manager code has no video path)")
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list")
+    turns = []
+    for k, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversations[{k}] needs 'from' and 'value'")
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise DataError(f"{where}: conversations[{k}].from={turn['from']!r} is invalid: use human or gpt")
+        if not isinstance(turn["value"], str):
+            raise DataError(f"{where}: conversations[{k}].value must be a string")
+        if role == "system" and k != 0:
+            raise DataError(f"{where}: conversations[{k}]: a system turn may only come first")
+        turns.append({"from": role, "value": turn["value"]})
+    if not any(t["from"] == "assistant" for t in turns):
+        raise DataError(f"{where}: no gpt turn, so nothing to train on")
+    image = record.get("image")
+    if image is None:
+        images = []
+    elif isinstance(image, str):
+        images = [image]
+    elif isinstance(image, list) and image and all(isinstance(i, str) for i in image):
+        images = list(image)
+    else:
+        raise DataError(f"{where}: 'image' must be a path or a non-empty list of paths, got {image!r}")
+    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if placeholders != len(images):
+        raise DataError(
+            f"{where}: the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the sample has "
+            f"{len(images)} image(s)"
+        )
+    if any(IMAGE_PLACEHOLDER in t["value"] for t in turns if t["from"] != "user"):
+        raise DataError(f"{where}: {IMAGE_PLACEHOLDER} may only appear in human turns")
+    if images and image_folder is None:
+        raise DataError(f"{where}: the sample has images but the recipe sets no image_folder")
+    paths = [str(Path(p) if Path(p).is_absolute() else image_folder / p) for p in images]
+    return Sample(id=sample_id, conversations=turns, images=paths, where=where)
+
+
+def _image_problem(path: str, mode: str) -> str | None:
+    if not os.path.isfile(path):
+        return "missing"
+    if mode == "open":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # PIL raises many types for broken files
+            return f"unreadable ({type(error).__name__}: {error})"
+    return None
+
+
+@dataclass
+class LoadedData:
+    samples: list[Sample]
+    skipped: list[str]  # "id: reason" of samples dropped because of their images (on_bad_image: skip)
+
+
+def load_samples(
+    data_path: Path,
+    image_folder: Path | None,
+    *,
+    check_images: str = "exists",
+    on_bad_image: str = "error",
+    seed: int = 0,
+) -> LoadedData:
+    """Read and check every sample (and, per `check_images`, every image file)."""
+    samples: list[Sample] = []
+    for file, records, folder in data_sources(data_path, image_folder, seed):
+        samples += [check_record(record, file, index, folder) for index, record in enumerate(records)]
+    if not samples:
+        raise DataError(f"data {data_path}: no samples")
+    skipped: list[str] = []
+    if check_images != "none":
+        kept, bad = [], []
+        for sample in samples:
+            problems = [(p, _image_problem(p, check_images)) for p in sample.images]
+            problems = [(p, why) for p, why in problems if why]
+            if problems:
+                bad.append((sample, problems))
+            else:
+                kept.append(sample)
+        if bad and on_bad_image == "error":
+            lines = [f"  {s.where}: image {p} is {why}" for s, problems in bad[:5] for p, why in problems[:1]]
+            more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise DataError(
+                f"{len(bad)} sample(s) have missing or unreadable images (set on_bad_image: skip to drop them):\n"
+                + "\n".join(lines) + more
+            )
+        skipped = [f"{s.id}: image {problems[0][0]} is {problems[0][1]}" for s, problems in bad]
+        samples = kept
+        if not samples:
+            raise DataError(f"data {data_path}: every sample was skipped for its images")
+    return LoadedData(samples=samples, skipped=skipped)
+
+
+# ---- encoding --------------------------------------------------------------------------------------
+class ConversationEncoder:
+    """Turns a `Sample` into `input_ids`, `labels`, `pixel_values`, `image_sizes` with the real processor.
+
+    Args:
+        processor: a `LlavaOnevisionProcessor` (or llava-manager's subclass) matched to the model.
+        image_token_id (`int`): the model's image token id.
+        conv_template (`str`): `"qwen_1_5"` or `"plain"`.
+        system_prompt (`str`): the ChatML system message (a sample's own system turn wins).
+        model_max_length (`int`): tokens per sample.
+    """
+
+    def __init__(self, processor, image_token_id: int, conv_template: str, system_prompt: str, model_max_length: int):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = image_token_id
+        self.conv_template = conv_template
+        self.system_prompt = system_prompt
+        self.model_max_length = model_max_length
+        self._text_cache: dict[str, list[int]] = {}
+
+    # segments: (text, trained) pairs; `<image>` inside a text is expanded later
+    def segments(self, sample: Sample) -> list[tuple[str, bool]]:
+        turns = [dict(t) for t in sample.conversations]
+        if self.conv_template == "plain":
+            answers = [t["value"] for t in turns if t["from"] == "assistant"]
+            return [(IMAGE_PLACEHOLDER * len(sample.images), False), (answers[0], True), ("\n", True)]
+        if len(sample.images) == 1:  # as LLaVA: a single image goes first in its turn, then "\n"
+            for turn in turns:
+                if IMAGE_PLACEHOLDER in turn["value"] and not turn["value"].startswith(IMAGE_PLACEHOLDER):
+                    turn["value"] = IMAGE_PLACEHOLDER + "\n" + turn["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+        system = self.system_prompt
+        if turns[0]["from"] == "system":
+            system = turns.pop(0)["value"]
+        segments = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
+        for turn in turns:
+            if turn["from"] == "user":
+                segments.append((f"<|im_start|>user\n{turn['value']}<|im_end|>\n", False))
+            else:
+                segments += [("<|im_start|>assistant\n", False), (turn["value"], True), ("<|im_end|>", True), ("\n", False)]
+        return segments
+
+    def _tokens(self, text: str) -> list[int]:
+        cached = self._text_cache.get(text)
+        if cached is None:
+            cached = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(text) < 64 and len(self._text_cache) < 10000:  # the fixed pieces of the template
+                self._text_cache[text] = cached
+        return cached
+
+    def load_images(self, sample: Sample) -> list:
+        from PIL import Image
+
+        images = []
+        for path in sample.images:
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except Exception as error:
+                raise BadImage(sample, path, f"{type(error).__name__}: {error}") from None
+        return images
+
+    def encode(self, sample: Sample) -> dict[str, Any]:
+        images = self.load_images(sample)
+        counts: list[int] = []
+        pixel_values = image_sizes = None
+        if images:
+            image_inputs = self.processor.image_processor([images], return_tensors="pt")
+            pixel_values = image_inputs["pixel_values"]  # (images, crops, 3, H, W)
+            image_sizes = image_inputs["image_sizes"]  # (images, 2) as (height, width)
+            token = self.processor.image_token
+            counts = [len(self.processor.replace_image_token(image_inputs, i)) // len(token) for i in range(len(images))]
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        image_index = 0
+        for text, trained in self.segments(sample):
+            pieces = text.split(IMAGE_PLACEHOLDER)
+            for k, piece in enumerate(pieces):
+                if k > 0:
+                    ids = [self.image_token_id] * counts[image_index]
+                    image_index += 1
+                    input_ids += ids
+                    labels += [IGNORE_INDEX] * len(ids)
+                if piece:
+                    ids = self._tokens(piece)
+                    input_ids += ids
+                    labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        if image_index != len(images):  # check_record makes this impossible; keep the invariant loud
+            raise DataError(f"{sample.where}: {image_index} placeholders rendered for {len(images)} images")
+
+        limit = self.model_max_length
+        if len(input_ids) > limit:
+            image_positions = [i for i, t in enumerate(input_ids) if t == self.image_token_id]
+            if image_positions and image_positions[-1] >= limit:
+                raise DropSample(
+                    f"{len(input_ids)} tokens > model_max_length {limit} and the cut would go through its image tokens"
+                )
+            input_ids, labels = input_ids[:limit], labels[:limit]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise DropSample(f"no answer token within model_max_length {limit}")
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+            "image_sizes": image_sizes,
+            "sample_id": sample.id,
+        }
+
+
+class BadImage(DataError):
+    def __init__(self, sample: Sample, path: str, why: str):
+        super().__init__(f"{sample.where}: cannot read image {path} ({why}); set on_bad_image: skip to drop such samples")
+        self.reason = f"image {path} is unreadable ({why})"
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Encodes samples lazily. A sample that must be dropped (too long, or a bad image with
+    `on_bad_image="skip"`) is replaced by the next good one; the replaced ids travel with the item
+    (`dropped`) so the trainer counts them, even from dataloader workers."""
+
+    def __init__(self, samples: list[Sample], encoder: ConversationEncoder, on_bad_image: str = "error"):
+        self.samples = samples
+        self.encoder = encoder
+        self.on_bad_image = on_bad_image
+        self._bad: dict[int, str] = {}  # index -> reason (per process)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        return [s.modality_length for s in self.samples]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        dropped: list[str] = []
+        for attempt in range(len(self.samples)):
+            current = (index + attempt) % len(self.samples)
+            sample = self.samples[current]
+            if current in self._bad:
+                dropped.append(f"{sample.id}: {self._bad[current]}")
+                continue
+            try:
+                item = self.encoder.encode(sample)
+            except DropSample as drop:
+                self._bad[current] = drop.reason
+            except BadImage as bad:
+                if self.on_bad_image == "error":
+                    raise
+                self._bad[current] = bad.reason
+            else:
+                item["dropped"] = dropped
+                return item
+            dropped.append(f"{sample.id}: {self._bad[current]}")
+        raise DataError(f"every one of the {len(self.samples)} samples had to be dropped, e.g. {dropped[:3]}")
+
+    def drop_report(self) -> Counter:
+        return Counter(self._bad.values())

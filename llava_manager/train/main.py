@@ -1,0 +1,484 @@
+"""`python -m llava_manager.train [RECIPE] [--key value ...]` (also `llava-manager train`).
+
+Launch it as it is with `deepspeed`, `torchrun` or `accelerate launch`. The order of work is:
+
+1. read and validate the recipe and the data (every sample, every image file), load the model and
+   the processor, check they are LLaVA-OV and agree: all errors come here, before any process group;
+2. patch the model with the recipe's Managers (unless it is already patched), freeze / LoRA;
+3. `TrainingArguments` (this starts the process group, and DeepSpeed from the recipe's JSON), then the
+   HF Trainer (`ManagerTrainer`) trains, resuming if asked;
+4. the final HF-format directory: weights (gathered under ZeRO-3), config, processor, the recipe,
+   and `dropped_samples.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ManagerError
+from .recipe import Recipe, RecipeError, load_recipe, parse_overrides, resolve_accumulation, world_size_from_env
+
+logger = logging.getLogger("llava_manager.train")
+
+USAGE = """usage: python -m llava_manager.train [RECIPE] [--key value ...] [--print-recipe]
+
+RECIPE is a YAML file or a shipped recipe name (stage1, stage1_5, stage2_si, tiny_cpu; default tiny_cpu).
+Every recipe key can be overridden: --max_steps 10, --learning_rates.manager 5e-5, --manager.grid base,
+--deepspeed zero3, --train_parts manager,projector. Values are read as YAML.
+
+launchers:
+  deepspeed --num_gpus 8 --module llava_manager.train stage2_si --model_name_or_path ...
+  torchrun --nproc_per_node 8 -m llava_manager.train stage2_si ...
+  accelerate launch --num_processes 8 -m llava_manager.train stage2_si ...
+"""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    log_history: list[dict[str, Any]]
+    dropped_samples: list[str]
+    trainer: Any = field(default=None, repr=False)
+
+    @property
+    def losses(self) -> list[float]:
+        return [entry["loss"] for entry in self.log_history if "loss" in entry]
+
+
+# ---- environment -----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_environment(uses_deepspeed: bool) -> None:
+    """CPU-only DeepSpeed fixes, and a one-process "distributed" environment when no launcher set one."""
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if uses_deepspeed:
+        if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+            os.environ.update(
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+            )
+        if not torch.cuda.is_available():
+            import deepspeed.ops
+
+            # the shm comm op is JIT-compiled C++ (minutes) and only speeds up CPU all-reduce
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # a previous run's ZeRO-3 config would zero.Init the model we build now
+
+
+# ---- model and processor -----------------------------------------------------------------------------
+def _llava_classes():
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration
+
+
+def load_model_and_processor(recipe: Recipe):
+    """The model (fp32, on CPU) and its processor, per the recipe; raises `RecipeError` for non-LLaVA-OV models."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    import llava_manager  # noqa: F401  (registers the llava_onevision_manager model type)
+
+    llava_cls = _llava_classes()
+    if recipe.model_config is not None:
+        path = recipe.model_config_path()
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except Exception as error:
+            raise RecipeError(f"recipe key 'model_config' = {recipe.model_config!r}: cannot read {path} ({error})") from None
+        if config.model_type not in ("llava_onevision", "llava_onevision_manager"):
+            raise RecipeError(
+                f"recipe key 'model_config' = {recipe.model_config!r}: {path} is a {config.model_type!r} config, "
+                "not LLaVA-OneVision (llava_onevision)"
+            )
+        transformers.set_seed(recipe.seed)
+        model = AutoModelForImageTextToText.from_config(config)
+        processor = _processor_for(recipe, config)
+    else:
+        try:
+            from llava_manager import from_pretrained as load
+        except ImportError:
+            load = None
+        if load is None:
+            try:
+                config = AutoConfig.from_pretrained(recipe.model_name_or_path, subfolder=recipe.model_subfolder or "")
+            except Exception as error:
+                raise RecipeError(
+                    f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r}: cannot read its config ({error})"
+                ) from None
+            if config.model_type not in ("llava_onevision", "llava_onevision_manager"):
+                raise RecipeError(
+                    f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r} is a {config.model_type!r} "
+                    "model, not LLaVA-OneVision"
+                )
+            kwargs = {"subfolder": recipe.model_subfolder} if recipe.model_subfolder else {}
+            model = AutoModelForImageTextToText.from_pretrained(recipe.model_name_or_path, **kwargs)
+            processor = AutoProcessor.from_pretrained(recipe.model_name_or_path, **kwargs)
+        else:
+            try:
+                model, processor = load(recipe.model_name_or_path, subfolder=recipe.model_subfolder)
+            except ManagerError as error:
+                raise RecipeError(f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r}: {error}") from None
+        if recipe.processor is not None:
+            processor = _processor_for(recipe, model.config)
+    if not isinstance(model, llava_cls):
+        raise RecipeError(
+            f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r} loads a {type(model).__name__}, "
+            "not a LLaVA-OneVision model (LlavaOnevisionForConditionalGeneration)"
+        )
+    return model, processor
+
+
+def _processor_for(recipe: Recipe, config):
+    if recipe.processor == "tiny":
+        from llava_manager.tiny import tiny_processor
+
+        return tiny_processor(config)
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(recipe.processor)
+    except Exception as error:
+        raise RecipeError(f"recipe key 'processor' = {recipe.processor!r}: cannot load it ({error})") from None
+
+
+def configure_images(recipe: Recipe, model, processor):
+    """Apply `image_aspect_ratio` / `image_grid_pinpoints` to model and processor; returns (processor, layout)."""
+    from llava_manager import ImageLayout, is_patched
+
+    config = model.config
+    crop = config.vision_config.image_size
+    pinpoints = recipe.resolve_pinpoints(crop)
+    layout = ImageLayout.from_dict(getattr(config, "image_layout", None)) if is_patched(model) else ImageLayout()
+    mode = "square" if recipe.image_aspect_ratio == "square" else "anyres"
+    if recipe.image_aspect_ratio is not None and mode != layout.mode:
+        if is_patched(model):
+            raise RecipeError(
+                f"recipe key 'image_aspect_ratio' = {recipe.image_aspect_ratio!r} but the model is already patched "
+                f"with the {layout.mode!r} image layout"
+            )
+        layout = dataclasses.replace(layout, mode=mode)
+    if pinpoints is not None:
+        config.image_grid_pinpoints = pinpoints
+        processor.image_processor.image_grid_pinpoints = [list(p) for p in pinpoints]
+    if mode == "anyres" and recipe.image_aspect_ratio is not None:
+        config.vision_aspect_ratio = recipe.image_aspect_ratio
+        processor.vision_aspect_ratio = recipe.image_aspect_ratio
+    processor_mode = getattr(processor, "image_layout", {}).get("mode", "anyres") if hasattr(processor, "image_layout") else "anyres"
+    if processor_mode != layout.mode:
+        processor = _square_processor(processor) if layout.mode == "square" else processor
+        if layout.mode != "square":
+            raise RecipeError(
+                f"the processor counts image tokens for a {processor_mode!r} layout but the model uses "
+                f"{layout.mode!r}; use the model's own processor (recipe key 'processor')"
+            )
+    return processor, layout
+
+
+def _square_processor(processor):
+    """llava-manager's processor in square mode (one crop per image, no newline), from an HF LLaVA-OV one."""
+    from llava_manager.processor import LlavaOnevisionManagerImageProcessor, LlavaOnevisionManagerProcessor
+
+    source = processor.image_processor
+    image_processor = LlavaOnevisionManagerImageProcessor(
+        size=dict(source.size),
+        image_mean=list(source.image_mean),
+        image_std=list(source.image_std),
+        image_grid_pinpoints=[list(p) for p in source.image_grid_pinpoints],
+        crop_mode="square",
+    )
+    return LlavaOnevisionManagerProcessor(
+        image_processor=image_processor,
+        tokenizer=processor.tokenizer,
+        video_processor=getattr(processor, "video_processor", None),
+        num_image_tokens=processor.num_image_tokens,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        chat_template=processor.chat_template,
+        vision_aspect_ratio=processor.vision_aspect_ratio,
+        image_layout={"mode": "square"},
+    )
+
+
+def patch_model(recipe: Recipe, model, layout):
+    """Patch with the recipe's Managers unless the model is patched already (then the recipe must agree)."""
+    from llava_manager import ImageLayout, ManagerConfig, is_patched, patch_llava
+
+    if is_patched(model):
+        current = getattr(model.config, "manager", None)
+        if recipe.manager is not None and current is not None:
+            wanted = ManagerConfig(**recipe.manager).resolve(model.config).to_dict()
+            differs = {k: (current.get(k), v) for k, v in wanted.items() if recipe.manager.get(k) is not None and current.get(k) != v}
+            if differs:
+                logger.warning("the model is already patched; keeping its Managers (recipe 'manager' differs: %s)", differs)
+        if recipe.manager is not None and current is None:
+            raise RecipeError("recipe key 'manager' asks for Managers but the model is patched without any")
+        return model
+    if recipe.manager is None and layout == ImageLayout():
+        return model
+    if recipe.manager is None:
+        from llava_manager.patch import _patch  # no Managers, but a non-default image layout
+
+        return _patch(model, None, layout)
+    try:
+        return patch_llava(model, ManagerConfig(**recipe.manager), layout=layout)
+    except ManagerError as error:
+        raise RecipeError(f"recipe key 'manager': {error}") from None
+
+
+def check_processor(model, processor) -> None:
+    image_id = model.config.image_token_id
+    if processor.image_token_id != image_id:
+        raise RecipeError(
+            f"the processor's image token id {processor.image_token_id} differs from the model's {image_id}; "
+            "use the model's own processor (recipe key 'processor')"
+        )
+    if processor.tokenizer.pad_token_id is None:
+        raise RecipeError("the processor's tokenizer has no pad token")
+
+
+def apply_lora(recipe: Recipe, model):
+    from peft import LoraConfig, get_peft_model
+
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target"],
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config), config
+    except ValueError as error:
+        raise RecipeError(f"recipe key 'lora.target' = {lora['target']!r}: {error}") from None
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def prepare_data(recipe: Recipe):
+    from .data import load_samples
+    from .synthetic import write_shapes_dataset
+
+    if recipe.data_path.startswith("synthetic:"):
+        try:
+            count = int(recipe.data_path.split(":", 1)[1])
+        except ValueError:
+            raise RecipeError(f"recipe key 'data_path' = {recipe.data_path!r}: use synthetic:N with a sample count") from None
+        folder = Path(recipe.output_dir) / "synthetic_data"
+        data_path = write_shapes_dataset(folder, count, seed=recipe.seed)
+        image_folder = folder / "images"
+    else:
+        data_path = recipe.path("data_path", "file")
+        image_folder = recipe.path("image_folder", "dir") if recipe.image_folder is not None else None
+    return load_samples(
+        data_path, image_folder, check_images=recipe.check_images, on_bad_image=recipe.on_bad_image, seed=recipe.seed
+    )
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+def training_arguments(recipe: Recipe, accumulation: int, deepspeed_config: dict | None):
+    from transformers import TrainingArguments
+
+    lrs = [recipe.learning_rates[p] for p in recipe.train_parts]
+    kwargs = dict(
+        output_dir=recipe.output_dir,
+        learning_rate=max(lrs),  # logged only: each param group carries its part's rate
+        weight_decay=recipe.weight_decay,
+        num_train_epochs=recipe.num_train_epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=accumulation,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_ratio,  # a float in [0, 1) is a ratio of the steps
+        max_grad_norm=recipe.max_grad_norm,
+        bf16=recipe.bf16,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
+        deepspeed=deepspeed_config,
+        logging_steps=recipe.logging_steps,
+        save_strategy="steps" if recipe.save_steps > 0 else "no",
+        save_steps=recipe.save_steps if recipe.save_steps > 0 else 500,
+        save_total_limit=recipe.save_total_limit,
+        seed=recipe.seed,
+        dataloader_num_workers=recipe.dataloader_num_workers,
+        report_to=recipe.report_to,
+        remove_unused_columns=False,
+    )
+    kwargs.update(recipe.training_args)
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"the recipe gives invalid TrainingArguments: {error}") from None
+
+
+def train(recipe: Recipe, *, callbacks: list | None = None) -> TrainResult:
+    """Run one training job described by `recipe` and return its result (the trainer included)."""
+    deepspeed_config = recipe.deepspeed_config()
+    prepare_environment(uses_deepspeed=deepspeed_config is not None)
+    accumulation = resolve_accumulation(recipe, world_size_from_env())
+
+    # 1. everything that can be wrong, checked before any process group starts
+    data = prepare_data(recipe)
+    model, processor = load_model_and_processor(recipe)
+    processor, layout = configure_images(recipe, model, processor)
+    model = patch_model(recipe, model, layout)
+    check_processor(model, processor)
+    processor.tokenizer.model_max_length = recipe.model_max_length
+
+    from .collator import ManagerDataCollator, make_dummy_image
+    from .data import ConversationEncoder, SupervisedDataset
+    from .trainer import ManagerTrainer, set_trainable
+
+    encoder = ConversationEncoder(
+        processor, model.config.image_token_id, recipe.conv_template, recipe.system_prompt, recipe.model_max_length
+    )
+    dataset = SupervisedDataset(data.samples, encoder, on_bad_image=recipe.on_bad_image)
+    collator = ManagerDataCollator(
+        processor.tokenizer.pad_token_id, model.config.image_token_id, dummy_image=make_dummy_image(encoder)
+    )
+    if "manager" in recipe.train_parts and getattr(model.model, "manager", None) is None:
+        raise RecipeError("recipe key 'train_parts' lists 'manager' but the model has no Managers")
+    set_trainable(model, recipe.train_parts)
+    lora_config = None
+    if recipe.lora is not None:
+        model, lora_config = apply_lora(recipe, model)
+        set_trainable(model, recipe.train_parts, lora=True)
+    if recipe.gradient_checkpointing:
+        model.config.use_cache = False
+
+    # 2. the process group starts here (TrainingArguments sets up DeepSpeed / torch.distributed)
+    args = training_arguments(recipe, accumulation, deepspeed_config)
+    trainer = ManagerTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=callbacks,
+        learning_rates=recipe.learning_rates,
+        group_by_modality_length=recipe.group_by_modality_length,
+        lora=recipe.lora is not None,
+    )
+    resume = recipe.resume_from_checkpoint
+    if resume is False:
+        resume = None
+    trainer.train(resume_from_checkpoint=resume)
+
+    # 3. the final directory
+    output_dir = Path(recipe.output_dir)
+    if lora_config is None:
+        trainer.save_model(str(output_dir))
+    else:
+        save_lora_result(trainer, lora_config, processor, output_dir)
+    trainer.save_state()
+    dropped = _gather_dropped(trainer, data.skipped)
+    if trainer.args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        (output_dir / "dropped_samples.json").write_text(json.dumps(dropped, indent=1))
+        total = len(dropped["skipped_before_training"]) + len(dropped["dropped_in_training"])
+        if total:
+            logger.warning("%d sample(s) were not trained on; see %s", total, output_dir / "dropped_samples.json")
+    return TrainResult(output_dir, trainer.state.log_history, dropped["dropped_in_training"], trainer)
+
+
+def _gather_dropped(trainer, skipped: list[str]) -> dict[str, list[str]]:
+    import torch.distributed as dist
+
+    mine = sorted(trainer.dropped_samples)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        mine = sorted({d for part in gathered for d in part})
+    return {"skipped_before_training": list(skipped), "dropped_in_training": mine}
+
+
+def save_lora_result(trainer, lora_config, processor, output_dir: Path) -> None:
+    """LoRA runs: the adapter (plus the fully trained parts) in `output_dir/adapter`, and the merged model
+    (LoRA folded into the LLM) as the HF-format `output_dir`. Works under ZeRO-3: weights are gathered first."""
+    import torch
+    from peft import get_peft_model
+
+    from .trainer import save_non_lora_trainables, unwrap_llava
+
+    trainer.save_model(str(output_dir / "adapter"))  # PEFT adapter, gathered under ZeRO-3
+    wrapped = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
+    state = trainer.accelerator.get_state_dict(wrapped)  # full tensors on the main process (collective)
+    if not trainer.args.should_save:
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # build the merge copy unpartitioned
+    base = unwrap_llava(trainer.model)
+    dtype = next(iter(state.values())).dtype
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else default)
+    try:
+        fresh = type(base)(base.config)
+    finally:
+        torch.set_default_dtype(default)
+    peft_copy = get_peft_model(fresh, lora_config)
+    missing, unexpected = peft_copy.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"merging LoRA: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    set_trainable_names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    for name, param in peft_copy.named_parameters():
+        param.requires_grad_(name in set_trainable_names)
+    save_non_lora_trainables(peft_copy, str(output_dir / "adapter"))
+    merged = peft_copy.merge_and_unload()
+    merged.save_pretrained(str(output_dir))
+    processor.save_pretrained(str(output_dir))
+
+
+# ---- command line --------------------------------------------------------------------------------------
+def split_argv(argv: list[str]) -> tuple[str, list[str], bool]:
+    """(recipe, overrides, print_only) from `[RECIPE] [--key value ...] [--print-recipe]`."""
+    recipe = "tiny_cpu"
+    argv = list(argv)
+    print_only = False
+    if "--print-recipe" in argv:
+        argv.remove("--print-recipe")
+        print_only = True
+    if argv and not argv[0].startswith("--"):
+        recipe = argv.pop(0)
+    return recipe, argv, print_only
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        print("recipe keys:")
+        for f in dataclasses.fields(Recipe):
+            if not f.metadata.get("internal"):
+                print(f"  {f.name:30s} {f.metadata.get('help', '')}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    recipe_name, overrides, print_only = split_argv(argv)
+    try:
+        recipe = load_recipe(recipe_name, parse_overrides(overrides))
+        if print_only:
+            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+            return 0
+        result = train(recipe)
+    except ManagerError as error:  # RecipeError, DataError, ...: one clear message, no traceback
+        print(f"llava_manager.train: error: {error}", file=sys.stderr)
+        return 2
+    if result.trainer is not None and result.trainer.args.should_save:
+        print(f"llava_manager.train: done; model in {result.output_dir}")
+    return 0

@@ -1,0 +1,119 @@
+"""A small synthetic LLaVA-format dataset of drawn shapes (no downloads): for the tiny recipe and the tests.
+
+`write_shapes_dataset(folder, n)` writes `folder/images/*.png` and `folder/data.json` with single-image,
+multi-image and text-only conversations in LLaVA's format, using only words the tiny tokenizer knows.
+The content depends only on `n` and `seed`, and files are written atomically, so several ranks may
+call it at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ((32, 32), (64, 32), (32, 64), (64, 64), (48, 40), (40, 72))
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+KINDS = ("single", "multi", "text")
+
+
+def draw_shape(shape: str, color: str, size: tuple[int, int], background=(245, 245, 245)):
+    """A PIL image (width, height) = size with one filled shape in the middle."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    side = min(width, height) * 0.7
+    left, top = (width - side) / 2, (height - side) / 2
+    box = (left, top, left + side, top + side)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([(width / 2, top), (left, top + side), (left + side, top + side)], fill=COLORS[color])
+    return image
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def shapes_records(n: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> tuple[list[dict], dict[str, tuple]]:
+    """`n` LLaVA records cycling through `kinds`, and the images they need: {file name: (shape, color, size)}."""
+    rng = random.Random(seed)
+    records, images = [], {}
+    for index in range(n):
+        kind = kinds[index % len(kinds)]
+        sample_id = f"shapes-{index:05d}"
+        if kind == "text":
+            a, b = rng.randrange(0, 6), rng.randrange(0, 5)
+            records.append({
+                "id": sample_id,
+                "conversations": [
+                    {"from": "human", "value": f"What is {NUMBERS[a]} and {NUMBERS[b]}?"},
+                    {"from": "gpt", "value": f"{NUMBERS[a + b].capitalize()}."},
+                ],
+            })
+            continue
+        count = 1 if kind == "single" else 2
+        names, drawn = [], []
+        for k in range(count):
+            shape, color, size = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES)
+            name = f"{sample_id}-{k}.png"
+            images[name] = (shape, color, size)
+            names.append(name)
+            drawn.append((shape, color))
+        if kind == "single":
+            shape, color = drawn[0]
+            question, answer = "What color is the shape?", f"The {shape} is {color}."
+            if rng.random() < 0.5:
+                question, answer = "What shape is in the image?", f"A {color} {shape}."
+            records.append({
+                "id": sample_id,
+                "image": names[0],
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            })
+        else:
+            records.append({
+                "id": sample_id,
+                "image": names,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n<image>\nWhat color is the shape in the right image?"},
+                    {"from": "gpt", "value": f"{drawn[1][1].capitalize()}."},
+                    {"from": "human", "value": "And in the left image?"},
+                    {"from": "gpt", "value": f"{drawn[0][1].capitalize()}."},
+                ],
+            })
+    return records, images
+
+
+def write_shapes_dataset(folder: str | os.PathLike, n: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> Path:
+    """Write `n` samples (images under `folder/images`) and return the path of `folder/data.json`."""
+    folder = Path(folder)
+    records, images = shapes_records(n, seed, kinds)
+    for name, (shape, color, size) in images.items():
+        target = folder / "images" / name
+        if not target.exists():
+            _atomic_write(target, lambda tmp, s=shape, c=color, z=size: draw_shape(s, c, z).save(tmp, format="PNG"))
+    data_file = folder / "data.json"
+    text = json.dumps(records, indent=1)
+    if not data_file.exists() or data_file.read_text() != text:
+        _atomic_write(data_file, lambda tmp: Path(tmp).write_text(text))
+    return data_file
