@@ -136,6 +136,8 @@ class AdaptiveManager(nn.Module):
             return self.fusion_attention(context)
         if self.query == "last":
             per_sample = context.query_hidden[context.query_last]  # (B, D)
+        elif not context.query_segments:  # no visual token in this forward
+            return context.hidden.new_zeros(context.hidden.shape)
         else:  # average, per sample, as `Q.mean(0)` in the original
             per_sample = torch.stack(
                 [context.query_hidden[start:end].mean(0) for start, end in context.query_segments]

@@ -143,9 +143,14 @@ def _count_manager_calls(model):
 
 
 @pytest.mark.parametrize("batch_name", BATCHES)
-@pytest.mark.parametrize("injection", ["llm", "projector"])
+@pytest.mark.parametrize("injection", ["llm", "projector", "adaptive_average", "adaptive_cross"])
 def test_every_manager_runs_once_per_forward(batch_name, injection):
-    config = ManagerConfig(llm_layers=[0, 1, 3]) if injection == "llm" else ManagerConfig(injection="projector")
+    config = {
+        "llm": ManagerConfig(llm_layers=[0, 1, 3]),
+        "projector": ManagerConfig(injection="projector"),
+        "adaptive_average": ManagerConfig(manager_type="adaptive_average", llm_layers=[0, 1, 3], query_token_id=1),
+        "adaptive_cross": ManagerConfig(manager_type="adaptive_cross", llm_layers=[0, 1, 3], query_token_id=1),
+    }[injection]
     model = patch_llava(tiny_model(), config)
     model.train()
     calls = _count_manager_calls(model)
