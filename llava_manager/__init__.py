@@ -11,10 +11,15 @@ from .modeling import (  # noqa: E402  (registers the model type with the Auto c
     LlavaOnevisionManagerConfig,
     LlavaOnevisionManagerForConditionalGeneration,
 )
-from .convert import load_original  # noqa: E402
+from . import processor as _processor  # noqa: E402,F401  (registers the processor classes with the Auto classes)
+from .convert import ConversionError, load_original  # noqa: E402
+from .hub import HubError, from_pretrained  # noqa: E402
 from .patch import is_patched, patch_llava, unpatch_llava  # noqa: E402
 
 __all__ = [
+    "ConversionError",
+    "HubError",
+    "from_pretrained",
     "ImageLayout",
     "LlavaOnevisionManagerConfig",
     "LlavaOnevisionManagerForConditionalGeneration",

@@ -88,7 +88,9 @@ def _clean_subfolder(subfolder: str | None) -> str | None:
         return None
     parts = cleaned.split("/")
     if any(part in ("", ".", "..") for part in parts) or os.path.isabs(subfolder):
-        raise HubError(f"subfolder={subfolder!r} is invalid: give a folder name inside the repo, like 'Baseline + Grid'")
+        raise HubError(
+            f"subfolder={subfolder!r} is invalid: give a folder name inside the repo, like 'Baseline + Grid'"
+        )
     return cleaned
 
 
@@ -97,13 +99,15 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", "/", "\\")) or name.count("/") > 1 or "\\" in name or os.path.isabs(name)
 
 
-def _folders_with_config(root: Path) -> list[str]:
+def _folders_with_config(root: Path, depth: int = 2) -> list[str]:
+    """Subfolders (up to `depth` levels down) that hold a config.json, for "did you mean" messages."""
     found = []
-    for config in sorted(root.rglob("config.json")):
-        relative = config.parent.relative_to(root).as_posix()
-        if relative != "." and ".cache" not in relative.split("/"):
-            found.append(relative)
-    return found
+    for level in range(1, depth + 1):
+        for config in root.glob("/".join(["*"] * level) + "/config.json"):
+            relative = config.parent.relative_to(root).as_posix()
+            if not relative.startswith("."):
+                found.append(relative)
+    return sorted(found)
 
 
 def _patterns(subfolder: str | None, groups: list[list[str]]) -> list[str]:
@@ -162,17 +166,38 @@ def resolve(
     except HFValidationError as error:
         raise HubError(f"{name!r} is neither a local folder nor a valid Hub repo id ({error})") from None
 
-    download = dict(
-        cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download
-    )
+    download = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download)
     snapshot = Path(_snapshot(name, revision, allow_patterns(subfolder), **download))
     commit = snapshot.name
     target = snapshot / subfolder if subfolder else snapshot
+    listing = _repo_listing(name, commit, cache_dir)
     if not (target / "config.json").is_file():
-        raise HubError(_missing_subfolder_message(name, subfolder, revision, snapshot, cache_dir))
-    if allow_pickle and not list(target.glob("*.safetensors")):
-        _snapshot(name, commit, _patterns(subfolder, [PICKLE_FILES]), **download)
+        raise HubError(_missing_subfolder_message(name, subfolder, revision, snapshot, listing))
+    if not list(target.glob("*.safetensors")):
+        prefix = f"{subfolder}/" if subfolder else ""
+        in_repo = [f[len(prefix) :] for f in listing or [] if f.startswith(prefix) and "/" not in f[len(prefix) :]]
+        pickles = sorted({f for f in in_repo if f.endswith(".bin")} | {p.name for p in target.glob("*.bin")})
+        if pickles and not allow_pickle:
+            check_weights(target, pickle_names=pickles)  # raises the pickle refusal
+        if allow_pickle:
+            _snapshot(name, commit, _patterns(subfolder, [PICKLE_FILES]), **download)
+        elif listing is None:
+            raise HubError(
+                f"the cached snapshot of {name!r} (commit {commit[:12]}) has no weights in {target}: the cache is "
+                "incomplete (offline?). Download once with network access; if the repo has only pickle weights "
+                "(*.bin), pass allow_pickle=True."
+            )
     return ResolvedSource(path=target, repo_id=name, commit=commit, subfolder=subfolder)
+
+
+def _repo_listing(repo_id: str, commit: str, cache_dir) -> list[str] | None:
+    """Every file of the repo at `commit`, from the listing snapshot_download caches when online (else None)."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+
+        return [f.path for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache_dir)]
+    except Exception:  # not cached (never online), or an older huggingface_hub
+        return None
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str], **download) -> str:
@@ -187,7 +212,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], **downloa
     )
 
     rev = revision or "main"
-    offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
+    offline = constants.HF_HUB_OFFLINE
     cache = download.get("cache_dir") or constants.HF_HUB_CACHE
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **download)
@@ -223,29 +248,20 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], **downloa
         ) from None
 
 
-def _missing_subfolder_message(repo_id, subfolder, revision, snapshot: Path, cache_dir) -> str:
-    listed = None
-    try:  # the repo's full file listing, cached by snapshot_download whenever it was online
-        from huggingface_hub import get_cached_repo_tree
-
-        files = [f.path for f in get_cached_repo_tree(repo_id, revision=snapshot.name, cache_dir=cache_dir)]
-        listed = sorted({f.rsplit("/", 1)[0] if "/" in f else "" for f in files if f.endswith("config.json")})
-    except Exception:
-        pass
+def _missing_subfolder_message(repo_id, subfolder, revision, snapshot: Path, listing: list[str] | None) -> str:
     rev = revision or "main"
-    if listed is not None:
-        where = "at the repo root" if subfolder is None else f"in subfolder {subfolder!r}"
-        choices = [c for c in listed if c]
-        return (
-            f"{repo_id!r} (revision {rev!r}) has no config.json {where}"
-            + (f"; pass subfolder= one of {choices}" if choices else "")
+    where = "at the repo root" if subfolder is None else f"in subfolder {subfolder!r}"
+    if listing is not None:  # the Hub's own listing
+        choices = sorted({f.rsplit("/", 1)[0] for f in listing if f.endswith("/config.json")})
+        return f"{repo_id!r} (revision {rev!r}) has no config.json {where}" + (
+            f"; pass subfolder= one of {choices}" if choices else ""
         )
     cached = _folders_with_config(snapshot)
-    what = f"subfolder {subfolder!r}" if subfolder else "a config.json at the repo root"
     return (
-        f"{what} of {repo_id!r} (revision {rev!r}) was not found"
+        f"{repo_id!r} (revision {rev!r}) has no config.json {where} in its cached snapshot"
         + (f"; subfolders with a checkpoint: {cached}" if cached else "")
-        + ". Check the name (spaces and '+' included, e.g. 'Baseline + Grid + Manager')."
+        + ". Check the name (spaces and '+' included, e.g. 'Baseline + Grid + Manager'); offline, only cached "
+        "files are seen."
     )
 
 
@@ -296,8 +312,13 @@ def detect_format(path: str | os.PathLike) -> CheckpointFormat:
     )
 
 
-def check_weights(path: Path, *, allow_pickle: bool = False) -> tuple[list[Path], list[Path]]:
-    """(safetensors files, pickle files to use). Reads only headers: missing, truncated and corrupt files raise."""
+def check_weights(
+    path: Path, *, allow_pickle: bool = False, pickle_names: list[str] | None = None
+) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, pickle files to use). Reads only headers: missing, truncated and corrupt files raise.
+
+    `pickle_names`: pickle files known to be in the (remote) folder though not on disk.
+    """
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
@@ -324,9 +345,10 @@ def check_weights(path: Path, *, allow_pickle: bool = False) -> tuple[list[Path]
     if safetensors:
         return safetensors, []
     pickles = sorted(path.glob("pytorch_model*.bin")) or sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
-    if pickles and not allow_pickle:
+    names = pickle_names or [p.name for p in pickles]
+    if names and not allow_pickle:
         raise ConversionError(
-            f"{path} has only pickle weights ({', '.join(p.name for p in pickles[:3])}). Pickle files can run code "
+            f"{path} has only pickle weights ({', '.join(names[:3])}). Pickle files can run code "
             "when loaded, so they are refused. Convert them to safetensors, or opt in with allow_pickle=True "
             "(`--allow-pickle`): they are then read with torch.load(weights_only=True)."
         )
@@ -367,6 +389,7 @@ def atomic_directory(final: Path, *, replace: bool = False):
     temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield temporary
+        _apply_umask(temporary)  # mkdtemp (and some writers) use owner-only modes
         if replace and final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.rename(final, old / final.name)
@@ -383,9 +406,21 @@ def atomic_directory(final: Path, *, replace: bool = False):
             shutil.rmtree(temporary, ignore_errors=True)
 
 
+def _apply_umask(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _remove_stale_temporaries(final: Path) -> None:
     """Temporaries left by a killed process (never visible as an entry) are removed after a day."""
-    for leftover in final.parent.glob(f".{glob.escape(final.name)}.[to][ml][pd]-*"):
+    leftovers = [
+        *final.parent.glob(f".{glob.escape(final.name)}.tmp-*"),
+        *final.parent.glob(f".{glob.escape(final.name)}.old-*"),
+    ]
+    for leftover in leftovers:
         with contextlib.suppress(OSError):
             if time.time() - leftover.stat().st_mtime > STALE_TEMP_SECONDS:
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -445,7 +480,9 @@ def convert_checkpoint(
     bar = _Progress(2 * weight_bytes + 1, progress)
     try:
         with atomic_directory(out_dir, replace=overwrite) as temporary:
-            _convert_into(source, checkpoint, pickles, temporary, tokenizer=tokenizer, bar=bar, weight_bytes=weight_bytes)
+            _convert_into(
+                source, checkpoint, pickles, temporary, tokenizer=tokenizer, bar=bar, weight_bytes=weight_bytes
+            )
     finally:
         bar.close()
     return out_dir
@@ -530,14 +567,18 @@ def _slug(text: str) -> str:
     return f"{keep[:60]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def cache_entry(source: ResolvedSource, root: Path) -> Path:
-    """Where the conversion of `source` is kept. Hub: repo/commit/subfolder. Local: path + file fingerprint."""
+def cache_entry(source: ResolvedSource, root: Path, variant: str = "") -> Path:
+    """Where the conversion of `source` is kept. Hub: repo/commit/subfolder. Local: path + file fingerprint.
+
+    `variant` distinguishes conversions of the same source with other settings (e.g. another tokenizer).
+    """
     from . import __version__
 
     base = Path(root) / f"v{__version__}"
     if source.repo_id is not None:
-        return base / "hub" / source.repo_id.replace("/", "--") / source.commit / _slug(source.subfolder or "")
-    fingerprint = hashlib.sha256(str(source.path.resolve()).encode())
+        name = _slug((source.subfolder or "") + (f"\n{variant}" if variant else ""))
+        return base / "hub" / source.repo_id.replace("/", "--") / source.commit / name
+    fingerprint = hashlib.sha256(f"{source.path.resolve()}\n{variant}".encode())
     for file in sorted(source.path.iterdir()):
         if file.is_file():
             stat = file.stat()
@@ -547,6 +588,16 @@ def cache_entry(source: ResolvedSource, root: Path) -> Path:
 
 def is_converted(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
+
+
+def _tokenizer_variant(tokenizer) -> str:
+    if tokenizer is None:
+        return ""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        local = Path(tokenizer).expanduser()
+        return f"tokenizer={local.resolve() if local.exists() else tokenizer}"
+    vocab = sorted(tokenizer.get_vocab().items())
+    return f"tokenizer={type(tokenizer).__name__}:{hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]}"
 
 
 # ---- from_pretrained ---------------------------------------------------------------------------------------
@@ -590,8 +641,9 @@ def from_pretrained(
             `attn_implementation`, ...).
 
     Returns:
-        `(model, processor)`: a `LlavaOnevisionManagerForConditionalGeneration` in eval mode (Managers as released, or
-        none for the `Baseline*` checkpoints; the original image layout) and its `LlavaOnevisionManagerProcessor`.
+        `(model, processor)`: for original-format checkpoints, a `LlavaOnevisionManagerForConditionalGeneration` in eval
+        mode (Managers as released, or none for the `Baseline*` checkpoints; the original image layout) and its
+        `LlavaOnevisionManagerProcessor`. HF-format folders load as saved (a plain `llava_onevision` one stays plain).
 
     Raises:
         `HubError`: the repo / subfolder / revision cannot be found, or is not cached while offline.
@@ -602,7 +654,9 @@ def from_pretrained(
 
     ```python
     >>> import llava_manager
-    >>> model, processor = llava_manager.from_pretrained("LooperXX/LLaVA-OV-Manager", subfolder="Baseline + Grid + Manager")
+    >>> model, processor = llava_manager.from_pretrained(
+    ...     "LooperXX/LLaVA-OV-Manager", subfolder="Baseline + Grid + Manager"
+    ... )
     >>> conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
     >>> prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     >>> inputs = processor(images=image, text=prompt, return_tensors="pt")
@@ -630,11 +684,22 @@ def from_pretrained(
             hf_kwargs.setdefault("use_safetensors", False)
         folder = source.path
     else:
-        folder = cache_entry(source, Path(conversion_cache_dir) if conversion_cache_dir else default_cache_dir())
+        root = Path(conversion_cache_dir) if conversion_cache_dir else default_cache_dir()
+        folder = cache_entry(source, root, variant=_tokenizer_variant(tokenizer))
         if force_conversion or not is_converted(folder):
             convert_checkpoint(
                 source, folder, tokenizer=tokenizer, allow_pickle=allow_pickle, overwrite=True, progress=progress
             )
+    from transformers import ProcessorMixin
+
     model = AutoModelForImageTextToText.from_pretrained(folder, **hf_kwargs)
-    processor = AutoProcessor.from_pretrained(folder)
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as error:
+        processor = error
+    if not isinstance(processor, ProcessorMixin):  # AutoProcessor falls back to a bare tokenizer
+        raise ConversionError(
+            f"{folder} holds a model but no processor (processor_config.json with tokenizer files; got "
+            f"{type(processor).__name__}). Save the model's processor there with processor.save_pretrained()."
+        )
     return model.eval(), processor

@@ -43,7 +43,8 @@ CROP_MODES = ("anyres", "square", "pad")
 
 # Qwen ChatML as LLaVA-OV's `qwen_1_5` conversation writes it: a default system turn, and in a user turn
 # the images first, each followed by "\n", then the text:
-# <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\n
+#   <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n
+#   <|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\n
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -101,8 +102,10 @@ class LlavaOnevisionManagerImageProcessor(LlavaOnevisionImageProcessorPil):
         if crop_mode not in CROP_MODES:
             raise ManagerError(f"crop_mode={crop_mode!r} is invalid: choose one of {', '.join(CROP_MODES)}.")
         size: SizeDict = kwargs["size"]
-        target = SizeDict(height=size.height, width=size.width) if size.height else SizeDict(
-            height=size.shortest_edge, width=size.shortest_edge
+        target = (
+            SizeDict(height=size.height, width=size.width)
+            if size.height
+            else SizeDict(height=size.shortest_edge, width=size.shortest_edge)
         )
         pixel_values, image_sizes = [], []
         for image in images:  # (3, H, W) uint8 numpy, channels first
@@ -185,7 +188,9 @@ class LlavaOnevisionManagerProcessor(LlavaOnevisionProcessor):
         """Image tokens of one (single-image) sample: base crop + unpadded grid + one newline per grid row."""
         if self.layout.mode == "square":
             return self.num_image_tokens
-        grid_height, grid_width = select_best_resolution([orig_height, orig_width], self.image_processor.image_grid_pinpoints)
+        grid_height, grid_width = select_best_resolution(
+            [orig_height, orig_width], self.image_processor.image_grid_pinpoints
+        )
         rows, cols = grid_height // height, grid_width // width
         side = math.isqrt(self.num_image_tokens)
         unpadded, newlines = self._get_unpadded_features(orig_height, orig_width, side, side, rows, cols)
@@ -206,7 +211,6 @@ class LlavaOnevisionManagerProcessor(LlavaOnevisionProcessor):
             if ratio > 1.1:
                 current_height, current_width = int(current_height // ratio), int(current_width // ratio)
         return current_height * current_width, current_height
-
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor" and argument is None:  # torchvision missing: no video processor
@@ -268,6 +272,8 @@ def prepare_tokenizer(tokenizer_or_path, original_config: dict | None = None):
             )
         if original_config.get("tokenizer_model_max_length"):
             tokenizer.model_max_length = original_config["tokenizer_model_max_length"]
+    for loading_option in ("is_local", "local_files_only"):  # from_pretrained leaks these into the saved config
+        tokenizer.init_kwargs.pop(loading_option, None)
     tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: saved with the tokenizer
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

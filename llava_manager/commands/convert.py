@@ -31,9 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--cache-dir", default=None, help="Hugging Face download cache (default: huggingface_hub's)")
     parser.add_argument("--token", default=None, help="Hub token for private or gated repos")
     parser.add_argument("--local-files-only", action="store_true", help="use the download cache only, no network")
-    parser.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder or Hub id, if SRC has no tokenizer files"
-    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id, if SRC has no tokenizer files")
     parser.add_argument(
         "--allow-pickle",
         action="store_true",

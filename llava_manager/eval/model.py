@@ -14,7 +14,9 @@ Model args (`--model_args k=v,...`):
     conv_template    qwen_1_5 (default; also qwen_2, the same template)
     model_name       accepted for the authors' command lines (llava_qwen_manager, llava_qwen);
                      the architecture is read from the checkpoint
-    dtype            auto | bfloat16 | float16 | float32 (alias torch_dtype)
+    dtype            float16 | bfloat16 | float32 | auto (the checkpoint's); alias torch_dtype.
+                     Default: float16 on CUDA, as the authors' evaluation (LLaVA-NeXT's loader
+                     defaults to fp16 and their lmms-eval model casts images to fp16), else float32
     device, device_map, attn_implementation, use_cache
     batch_size       requests per generate() call, left-padded (--batch_size sets it too)
     max_new_tokens   default when the task sets none (1024, as the authors' model)
@@ -25,17 +27,17 @@ Model args (`--model_args k=v,...`):
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedType
-from loguru import logger as eval_logger
-from tqdm import tqdm
-
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
+from loguru import logger as eval_logger
+from tqdm import tqdm
 
 from .prompt import CONV_TEMPLATES, build_prompt, get_template, with_image_placeholders
 
@@ -120,7 +122,7 @@ class LlavaManager(lmms):
         revision: str | None = None,
         conv_template: str = "qwen_1_5",
         model_name: str | None = None,
-        dtype: Any = "auto",
+        dtype: Any = None,
         torch_dtype: Any = None,
         device: str | None = None,
         device_map: str | None = None,
@@ -156,26 +158,30 @@ class LlavaManager(lmms):
         self.log_every = max(int(log_every), 1)
 
         # Data parallel: one full replica per process; lmms-eval shards requests by rank.
+        # `accelerate launch` sets up the Accelerator; under `torchrun` on CPU it may report a
+        # single process, so the launcher's RANK / WORLD_SIZE / LOCAL_RANK count too.
         accelerator = Accelerator()
         self.accelerator = accelerator
         if accelerator.num_processes > 1:
-            if torch.cuda.is_available():
-                self._device = torch.device(f"cuda:{accelerator.local_process_index}")
-            else:
-                self._device = torch.device("cpu")
+            rank, local_rank, world_size = accelerator.process_index, accelerator.local_process_index, accelerator.num_processes
+        else:
+            rank, local_rank, world_size = (int(os.environ.get(key, default)) for key, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+        if world_size > 1:
+            self._device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
             if device_map not in (None, ""):
                 eval_logger.warning("llava_manager: device_map is ignored with several processes (one replica per process)")
             device_map = None
             if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
                 eval_logger.warning("llava_manager: evaluation replicates the model on every process; DeepSpeed/FSDP sharding is not used")
-            self._rank = accelerator.process_index
-            self._world_size = accelerator.num_processes
+            self._rank, self._world_size = rank, world_size
         else:
             self._device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self._rank = 0
-            self._world_size = 1
+            self._rank, self._world_size = 0, 1
 
-        hf_kwargs: dict[str, Any] = {"dtype": _parse_dtype(torch_dtype if torch_dtype is not None else dtype)}
+        dtype = _parse_dtype(torch_dtype if torch_dtype is not None else dtype)
+        if dtype is None:
+            dtype = torch.float16 if self._device.type == "cuda" else torch.float32
+        hf_kwargs: dict[str, Any] = {"dtype": dtype}
         if attn_implementation:
             hf_kwargs["attn_implementation"] = _as_str(attn_implementation)
         if device_map not in (None, ""):
@@ -254,12 +260,9 @@ class LlavaManager(lmms):
         return ids
 
     def _report_model(self) -> None:
-        try:
-            from llava_manager import is_patched
+        from llava_manager import is_patched
 
-            has_managers = bool(is_patched(self._model))
-        except ImportError:  # pragma: no cover - the core always has it
-            has_managers = "Manager" in type(self._model).__name__
+        has_managers = bool(is_patched(self._model))
         if self.rank == 0:
             eval_logger.info(
                 f"llava_manager: {type(self._model).__name__} from {self.pretrained} "

@@ -1,0 +1,267 @@
+"""lmms-eval integration (llava_manager/eval, patches/lmms_eval, tests/fixtures/eval_task).
+
+The prompt tests need nothing; the rest need lmms-eval (`pip install -e ".[eval]"`, which
+`make test` does) and skip with that reason where it is absent. All offline, tiny models only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from llava_manager.eval.prompt import build_prompt, get_template, with_image_placeholders
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_TASK = ROOT / "tests" / "fixtures" / "eval_task"
+PATCHES = ROOT / "patches" / "lmms_eval"
+
+needs_lmms_eval = pytest.mark.skipif(
+    find_spec("lmms_eval") is None,
+    reason="lmms-eval is not installed (optional extra): pip install -e '.[eval]'",
+)
+
+SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+# ---- the authors' qwen_1_5 prompt (pure string code) --------------------------------------------
+
+
+def test_qwen_1_5_prompt_matches_llava_next_chatml():
+    prompt = build_prompt("What is shown?", num_images=1, conv_template="qwen_1_5")
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert build_prompt("What is shown?", 1, "qwen_2") == prompt
+
+
+def test_image_placeholders_like_the_authors_model():
+    assert with_image_placeholders("Q", 2) == "<image> <image>\nQ"
+    assert with_image_placeholders("Q", 0) == "Q"  # text-only: no placeholder
+    assert with_image_placeholders("Look: <image> Q", 1) == "Look: <image> Q"  # task placed it
+
+
+def test_conversational_context_and_unknown_template():
+    turns = json.dumps([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Q"}])
+    prompt = build_prompt(turns, num_images=0)
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="qwen_1_5"):
+        get_template("vicuna_v1")
+
+
+# ---- a tiny random Manager model on disk ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_manager_dir(tmp_path_factory):
+    """A patched tiny LLaVA-OV saved in HF format with its processor. The LM head is untied and
+    random so that greedy answers vary (a tied tiny model repeats its last input token)."""
+    import torch
+
+    from llava_manager import ManagerConfig, patch_llava
+    from llava_manager.tiny import tiny_model, tiny_processor
+
+    model = tiny_model(seed=1)
+    model.config.tie_word_embeddings = False
+    model.config.text_config.tie_word_embeddings = False
+    generator = torch.Generator().manual_seed(1)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=generator))
+    model = patch_llava(model, ManagerConfig())
+    path = tmp_path_factory.mktemp("tiny_manager")
+    model.save_pretrained(path)
+    tiny_processor().save_pretrained(path)
+    return path
+
+
+def _fixture_requests(docs, gen_kwargs):
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    def doc_to_visual(doc):
+        return [Image.open(FIXTURE_TASK / path) for path in doc["images"]]
+
+    return [
+        Instance("generate_until", (doc["question"], dict(gen_kwargs), doc_to_visual, index, "tiny", "test"), idx=0, metadata={"task": "tiny", "doc_id": index, "repeats": 1})
+        for index, doc in enumerate(docs)
+    ]
+
+
+# ---- registration --------------------------------------------------------------------------------
+
+
+@needs_lmms_eval
+def test_launcher_registration_makes_get_model_return_our_class():
+    from lmms_eval.models import get_model
+
+    from llava_manager.eval import register
+    from llava_manager.eval.model import LlavaManager
+
+    register()
+    assert get_model("llava_manager") is LlavaManager
+    assert LlavaManager.is_simple is True
+
+
+@needs_lmms_eval
+def test_entry_point_exposes_the_model_to_lmms_eval():
+    """`lmms_eval.models.get_model("llava_manager")` through the installed entry point alone."""
+    declared = "lmms_eval.models" in (ROOT / "setup.cfg").read_text()
+    installed = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "llava_manager"]
+    if declared and not installed:
+        pytest.skip("setup.cfg declares the lmms_eval.models entry point but this install predates it: pip install -e . --no-deps")
+    assert installed, "setup.cfg must declare [options.entry_points] lmms_eval.models = llava_manager = llava_manager.eval.manifest:MANIFEST"
+    code = "from lmms_eval.models import get_model; c = get_model('llava_manager'); print(c.__module__ + '.' + c.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_clean_env(), check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "llava_manager.eval.model.LlavaManager"
+
+
+# ---- the model in process ------------------------------------------------------------------------
+
+
+@needs_lmms_eval
+def test_batched_generation_equals_one_by_one(tiny_manager_dir):
+    from llava_manager.eval.model import LlavaManager
+
+    docs = json.loads((FIXTURE_TASK / "questions.json").read_text())
+    answers = {}
+    for batch_size in (1, 3):
+        lm = LlavaManager(pretrained=str(tiny_manager_dir), batch_size=batch_size, conv_template="qwen_1_5", model_name="llava_qwen_manager")
+        lm.task_dict = {"tiny": {"test": docs}}
+        results = lm.generate_until(_fixture_requests(docs, {"max_new_tokens": 5, "until": ["\n\n"], "temperature": 0.2, "do_sample": False}))
+        answers[batch_size] = [(result.text, result.token_counts.output_tokens) for result in results]
+    assert answers[1] == answers[3]  # left padding changes nothing, in the original order
+    assert any(text for text, _ in answers[1]), "the tiny model should say something"
+    assert all(0 < count <= 5 for _, count in answers[1])
+
+    # only the new tokens are decoded: no prompt text comes back
+    assert not any("assistant" in text and "system" in text for text, _ in answers[1])
+
+
+@needs_lmms_eval
+def test_model_args(tiny_manager_dir):
+    from llava_manager.eval.model import LlavaManager
+
+    with pytest.raises(ValueError, match="unknown model args"):
+        LlavaManager(pretrained=str(tiny_manager_dir), not_an_option=1)
+    with pytest.raises(ValueError, match="conv_template"):
+        LlavaManager(pretrained=str(tiny_manager_dir), conv_template="vicuna_v1")
+    # the authors' llava_onevision args are accepted and ignored
+    lm = LlavaManager(pretrained=str(tiny_manager_dir), conv_template="qwen_1_5", model_name="llava_qwen_manager", truncate_context=False, dtype="float32")
+    assert lm.world_size == 1 and lm.rank == 0 and lm.model.dtype.is_floating_point
+
+
+# ---- lmms-eval end to end, through its CLI --------------------------------------------------------
+
+
+def _clean_env() -> dict:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by conftest for DeepSpeed
+        env.pop(key, None)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+@needs_lmms_eval
+@pytest.mark.slow
+def test_lmms_eval_cli_end_to_end_offline(tiny_manager_dir, tmp_path):
+    output = tmp_path / "out"
+    env = _clean_env()
+    env["HF_HOME"] = str(tmp_path / "hf")  # the json builder's cache
+    command = [
+        sys.executable, "-m", "llava_manager.eval",
+        "--model", "llava_manager",
+        "--model_args", f"pretrained={tiny_manager_dir},conv_template=qwen_1_5,model_name=llava_qwen_manager,log_every=1",
+        "--tasks", "tiny_shapes",
+        "--include_path", str(FIXTURE_TASK),
+        "--batch_size", "2",
+        "--output_path", str(output),
+        "--log_samples",
+        "--verbosity", "DEBUG",  # otherwise lmms-eval logs errors and exits 0
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+
+    results_files = glob.glob(str(output / "**" / "*_results.json"), recursive=True)
+    assert len(results_files) == 1, log[-3000:]
+    report = json.loads(Path(results_files[0]).read_text())
+    assert report["config"]["model"] == "llava_manager"
+    assert report["config"]["model_backend"].startswith("llava_manager.eval.model.LlavaManager")
+    assert report["n-samples"]["tiny_shapes"]["effective"] == 4
+    score = report["results"]["tiny_shapes"]["exact_match,none"]
+    assert 0.0 <= score <= 1.0
+
+    samples_files = glob.glob(str(output / "**" / "*_samples_tiny_shapes.jsonl"), recursive=True)
+    samples = [json.loads(line) for line in Path(samples_files[0]).read_text().splitlines()]
+    assert sorted(sample["doc_id"] for sample in samples) == [0, 1, 2, 3]
+    assert all(sample["token_counts"][0]["output_tokens"] > 0 for sample in samples)
+
+    # the logged prompts: system turn, image placeholders before the question, none for text-only
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log)  # loguru colours
+    prompts = dict(re.findall(r"Prompt for tiny_shapes doc (\d+):\n(.*?<\|im_start\|>assistant\n)", plain, flags=re.DOTALL))
+    assert set(prompts) == {"0", "1", "2", "3"}, plain[-3000:]
+    assert prompts["0"].startswith(SYSTEM_TURN + "<|im_start|>user\n<image>\nWhat color is the circle?")
+    assert "<|im_start|>user\n<image> <image>\nHow many images are there?" in prompts["2"]
+    assert "<image>" not in prompts["3"] and prompts["3"].startswith(SYSTEM_TURN)
+
+
+# ---- patches/lmms_eval: the paper-protocol task overrides ------------------------------------------
+
+# restored keys per override; everything else must equal lmms-eval's own task (drift guard)
+OVERRIDES = {
+    "mmmu_val_paper.yaml": ("mmmu/mmmu_val.yaml", {"generation_kwargs": {"max_new_tokens": 16}}),
+    "mathvista_testmini_paper.yaml": (
+        "mathvista/mathvista_testmini_format.yaml",
+        {"generation_kwargs": {"max_new_tokens": 1024, "temperature": 0, "num_beams": 1, "do_sample": False}},
+    ),
+}
+
+
+def _comparable(value):
+    """Functions from two module instances compare by qualified name."""
+    if callable(value):
+        return f"{value.__module__.rsplit('.', 1)[-1]}.{value.__name__}"
+    if isinstance(value, dict):
+        return {key: _comparable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_comparable(item) for item in value]
+    return value
+
+
+@needs_lmms_eval
+@pytest.mark.parametrize("name", sorted(OVERRIDES))
+def test_paper_overrides_equal_lmms_eval_except_restored_keys(name, monkeypatch):
+    if name.startswith("mathvista") and find_spec("Levenshtein") is None:
+        pytest.skip("MathVista's utils need Levenshtein (in the [eval] extra)")
+    monkeypatch.setenv("OPENAI_API_KEY", os.environ.get("OPENAI_API_KEY", "unused-offline"))  # judges build clients at import
+    import lmms_eval.tasks
+    from lmms_eval import utils
+
+    builtin_name, restored = OVERRIDES[name]
+    ours = utils.load_yaml_config(str(PATCHES / name), mode="full")
+    theirs = utils.load_yaml_config(str(Path(lmms_eval.tasks.__file__).parent / builtin_name), mode="full")
+    assert ours["task"] == name.removesuffix(".yaml")
+    assert "tag" not in ours  # would add the override to lmms-eval's tag groups
+    for key, value in restored.items():
+        assert ours[key] == value
+    skip = {"task", "tag", *restored}
+    assert {k: _comparable(v) for k, v in ours.items() if k not in skip} == {k: _comparable(v) for k, v in theirs.items() if k not in skip}
+
+
+@needs_lmms_eval
+def test_include_path_indexes_the_overrides_and_the_fixture():
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager("WARNING", include_path=[str(PATCHES), str(FIXTURE_TASK)], include_defaults=False)
+    assert {"mmmu_val_paper", "mathvista_testmini_paper", "tiny_shapes"} <= set(manager.all_subtasks)
