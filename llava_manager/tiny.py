@@ -17,25 +17,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-SYSTEM_PROMPT = "You are a helpful assistant."
-
-# Qwen ChatML with LLaVA-OV's image placement: images first, each followed by "\n".
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'video' %}<video>\n{% endif %}{% endfor %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from .processor import CHAT_TEMPLATE, SYSTEM_PROMPT  # noqa: E402,F401  (Qwen ChatML, `qwen_1_5`)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<unk>"]
 
