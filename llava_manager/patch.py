@@ -61,6 +61,7 @@ def patch_llava(
     config: ManagerConfig | None = None,
     *,
     layout: ImageLayout | None = None,
+    managers: bool = True,
 ) -> LlavaOnevisionForConditionalGeneration:
     """Add Managers to a LLaVA-OneVision model (in place) and return it.
 
@@ -68,6 +69,8 @@ def patch_llava(
         model (`LlavaOnevisionForConditionalGeneration`): a transformers LLaVA-OV model.
         config (`ManagerConfig`, *optional*): the Managers; defaults to the paper's setting.
         layout (`ImageLayout`, *optional*): image-token layout; defaults to transformers' (anyres, rounding unpad).
+        managers (`bool`, *optional*, defaults to `True`): `False` applies only `layout` (no Managers), as for the
+            released `Baseline` checkpoints; `config` must then be None.
 
     Returns:
         The same model object, now a `LlavaOnevisionManagerForConditionalGeneration`. A freshly patched model
@@ -84,6 +87,10 @@ def patch_llava(
     >>> model = patch_llava(model, ManagerConfig(manager_type="static", grid="all"))
     ```
     """
+    if not managers:
+        if config is not None:
+            raise ManagerError("patch_llava(managers=False) applies only the image layout; pass config=None")
+        return _patch(model, None, layout or ImageLayout())
     return _patch(model, config if config is not None else ManagerConfig(), layout or ImageLayout())
 
 

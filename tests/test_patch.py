@@ -212,3 +212,13 @@ def test_inputs_embeds_path_matches_input_ids():
     with torch.no_grad():
         got = model(inputs_embeds=embeds, **rest).logits
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_layout_only_patch_has_no_managers():
+    from llava_manager import ImageLayout
+
+    model = patch_llava(tiny_model(), layout=ImageLayout(mode="square"), managers=False)
+    assert is_patched(model) and not hasattr(model.model, "manager") and model.config.manager is None
+    assert model.config.image_layout == {"mode": "square", "unpad": "round"}
+    with pytest.raises(ManagerError, match="config=None"):
+        patch_llava(tiny_model(), ManagerConfig(), managers=False)

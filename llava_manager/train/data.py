@@ -101,9 +101,7 @@ def _sample_records(records: list, strategy: Any, where: str, rng: random.Random
     if name == "all":
         return records
     try:
-        count = (
-            math.ceil(float(number[:-1]) * len(records) / 100) if number.endswith("%") else int(number)
-        )
+        count = math.ceil(float(number[:-1]) * len(records) / 100) if number.endswith("%") else int(number)
     except ValueError:
         raise DataError(f"{where}: sampling_strategy={strategy!r}: {number!r} is not a count or a percentage") from None
     if count < 0:
@@ -147,7 +145,9 @@ def data_sources(data_path: Path, image_folder: Path | None, seed: int) -> list[
             raise DataError(f"{where}: each entry needs json_path (and optionally sampling_strategy, image_folder)")
         unknown = set(entry) - {"json_path", "sampling_strategy", "image_folder"}
         if unknown:
-            raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; use json_path, sampling_strategy, image_folder")
+            raise DataError(
+                f"{where}: unknown key(s) {sorted(unknown)}; use json_path, sampling_strategy, image_folder"
+            )
         file = _resolve(str(entry["json_path"]), [Path.cwd(), data_path.parent])
         if not file.is_file():
             raise DataError(f"{where}: json_path {entry['json_path']!r} does not exist (tried {file})")
@@ -219,7 +219,7 @@ def _image_problem(path: str, mode: str) -> str | None:
         try:
             with Image.open(path) as image:
                 image.load()
-        except Exception as error:  # PIL raises many types for broken files
+        except Exception as error:  # noqa: BLE001  (PIL raises many types for broken files)
             return f"unreadable ({type(error).__name__}: {error})"
     return None
 
@@ -259,7 +259,8 @@ def load_samples(
             more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise DataError(
                 f"{len(bad)} sample(s) have missing or unreadable images (set on_bad_image: skip to drop them):\n"
-                + "\n".join(lines) + more
+                + "\n".join(lines)
+                + more
             )
         skipped = [f"{s.id}: image {problems[0][0]} is {problems[0][1]}" for s, problems in bad]
         samples = kept
@@ -307,7 +308,12 @@ class ConversationEncoder:
             if turn["from"] == "user":
                 segments.append((f"<|im_start|>user\n{turn['value']}<|im_end|>\n", False))
             else:
-                segments += [("<|im_start|>assistant\n", False), (turn["value"], True), ("<|im_end|>", True), ("\n", False)]
+                segments += [
+                    ("<|im_start|>assistant\n", False),
+                    (turn["value"], True),
+                    ("<|im_end|>", True),
+                    ("\n", False),
+                ]
         return segments
 
     def _tokens(self, text: str) -> list[int]:
@@ -326,7 +332,7 @@ class ConversationEncoder:
             try:
                 with Image.open(path) as image:
                     images.append(image.convert("RGB"))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001  (PIL raises many types for broken files)
                 raise BadImage(sample, path, f"{type(error).__name__}: {error}") from None
         return images
 
@@ -339,7 +345,9 @@ class ConversationEncoder:
             pixel_values = image_inputs["pixel_values"]  # (images, crops, 3, H, W)
             image_sizes = image_inputs["image_sizes"]  # (images, 2) as (height, width)
             token = self.processor.image_token
-            counts = [len(self.processor.replace_image_token(image_inputs, i)) // len(token) for i in range(len(images))]
+            counts = [
+                len(self.processor.replace_image_token(image_inputs, i)) // len(token) for i in range(len(images))
+            ]
 
         input_ids: list[int] = []
         labels: list[int] = []
@@ -380,7 +388,9 @@ class ConversationEncoder:
 
 class BadImage(DataError):
     def __init__(self, sample: Sample, path: str, why: str):
-        super().__init__(f"{sample.where}: cannot read image {path} ({why}); set on_bad_image: skip to drop such samples")
+        super().__init__(
+            f"{sample.where}: cannot read image {path} ({why}); set on_bad_image: skip to drop such samples"
+        )
         self.reason = f"image {path} is unreadable ({why})"
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,10 @@ class TrainResult:
         return [entry["loss"] for entry in self.log_history if "loss" in entry]
 
 
+# `accelerate launch --use_deepspeed` sets this for the whole process; remember whether a launcher did
+_LAUNCHER_USES_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+
+
 # ---- environment -----------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -62,13 +67,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prepare_environment(uses_deepspeed: bool) -> None:
+def prepare_environment(uses_deepspeed: bool, cpu_threads: int | None = None) -> None:
     """CPU-only DeepSpeed fixes, and a one-process "distributed" environment when no launcher set one."""
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if cpu_threads is not None:  # tiny models on shared cores: more threads only wait for each other
+            torch.set_num_threads(cpu_threads)
     if uses_deepspeed:
         if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
             os.environ.update(
@@ -82,6 +89,13 @@ def prepare_environment(uses_deepspeed: bool) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # a previous run's ZeRO-3 config would zero.Init the model we build now
+    # a previous run in this process leaves accelerate's singletons behind (e.g. "this is a DeepSpeed run");
+    # start from scratch so each recipe gets exactly its own setup (an existing process group is reused)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if _LAUNCHER_USES_DEEPSPEED is None:  # accelerate's Accelerator sets it for good once DeepSpeed was used
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
 
 
 # ---- model and processor -----------------------------------------------------------------------------
@@ -92,19 +106,25 @@ def _llava_classes():
 
 
 def load_model_and_processor(recipe: Recipe):
-    """The model (fp32, on CPU) and its processor, per the recipe; raises `RecipeError` for non-LLaVA-OV models."""
+    """The model (on CPU) and its processor, per the recipe; raises `RecipeError` for non-LLaVA-OV models.
+
+    Checkpoints load in bf16 for DeepSpeed bf16 runs (DeepSpeed keeps fp32 master weights), else in fp32."""
+    import torch
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     import llava_manager  # noqa: F401  (registers the llava_onevision_manager model type)
 
     llava_cls = _llava_classes()
+    dtype = torch.bfloat16 if recipe.bf16 and recipe.deepspeed is not None else torch.float32
     if recipe.model_config is not None:
         path = recipe.model_config_path()
         try:
             config = AutoConfig.from_pretrained(str(path))
-        except Exception as error:
-            raise RecipeError(f"recipe key 'model_config' = {recipe.model_config!r}: cannot read {path} ({error})") from None
+        except Exception as error:  # noqa: BLE001  (any failure: report it against the recipe key)
+            raise RecipeError(
+                f"recipe key 'model_config' = {recipe.model_config!r}: cannot read {path} ({error})"
+            ) from None
         if config.model_type not in ("llava_onevision", "llava_onevision_manager"):
             raise RecipeError(
                 f"recipe key 'model_config' = {recipe.model_config!r}: {path} is a {config.model_type!r} config, "
@@ -112,6 +132,7 @@ def load_model_and_processor(recipe: Recipe):
             )
         transformers.set_seed(recipe.seed)
         model = AutoModelForImageTextToText.from_config(config)
+        model.name_or_path = ""  # a random model: not the config file (PEFT would look for weights there)
         processor = _processor_for(recipe, config)
     else:
         try:
@@ -121,7 +142,7 @@ def load_model_and_processor(recipe: Recipe):
         if load is None:
             try:
                 config = AutoConfig.from_pretrained(recipe.model_name_or_path, subfolder=recipe.model_subfolder or "")
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001  (any failure: report it against the recipe key)
                 raise RecipeError(
                     f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r}: cannot read its config ({error})"
                 ) from None
@@ -131,11 +152,11 @@ def load_model_and_processor(recipe: Recipe):
                     "model, not LLaVA-OneVision"
                 )
             kwargs = {"subfolder": recipe.model_subfolder} if recipe.model_subfolder else {}
-            model = AutoModelForImageTextToText.from_pretrained(recipe.model_name_or_path, **kwargs)
+            model = AutoModelForImageTextToText.from_pretrained(recipe.model_name_or_path, dtype=dtype, **kwargs)
             processor = AutoProcessor.from_pretrained(recipe.model_name_or_path, **kwargs)
         else:
             try:
-                model, processor = load(recipe.model_name_or_path, subfolder=recipe.model_subfolder)
+                model, processor = load(recipe.model_name_or_path, subfolder=recipe.model_subfolder, dtype=dtype)
             except ManagerError as error:
                 raise RecipeError(f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r}: {error}") from None
         if recipe.processor is not None:
@@ -157,7 +178,7 @@ def _processor_for(recipe: Recipe, config):
 
     try:
         return AutoProcessor.from_pretrained(recipe.processor)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001  (any failure: report it against the recipe key)
         raise RecipeError(f"recipe key 'processor' = {recipe.processor!r}: cannot load it ({error})") from None
 
 
@@ -166,31 +187,30 @@ def configure_images(recipe: Recipe, model, processor):
     from llava_manager import ImageLayout, is_patched
 
     config = model.config
-    crop = config.vision_config.image_size
-    pinpoints = recipe.resolve_pinpoints(crop)
     layout = ImageLayout.from_dict(getattr(config, "image_layout", None)) if is_patched(model) else ImageLayout()
-    mode = "square" if recipe.image_aspect_ratio == "square" else "anyres"
-    if recipe.image_aspect_ratio is not None and mode != layout.mode:
-        if is_patched(model):
+    if recipe.image_aspect_ratio is not None:
+        mode = "square" if recipe.image_aspect_ratio == "square" else "anyres"
+        if mode != layout.mode and is_patched(model):
             raise RecipeError(
                 f"recipe key 'image_aspect_ratio' = {recipe.image_aspect_ratio!r} but the model is already patched "
                 f"with the {layout.mode!r} image layout"
             )
         layout = dataclasses.replace(layout, mode=mode)
+        if mode == "anyres":
+            config.vision_aspect_ratio = recipe.image_aspect_ratio
+            processor.vision_aspect_ratio = recipe.image_aspect_ratio
+    pinpoints = recipe.resolve_pinpoints(config.vision_config.image_size)
     if pinpoints is not None:
-        config.image_grid_pinpoints = pinpoints
+        config.image_grid_pinpoints = [list(p) for p in pinpoints]
         processor.image_processor.image_grid_pinpoints = [list(p) for p in pinpoints]
-    if mode == "anyres" and recipe.image_aspect_ratio is not None:
-        config.vision_aspect_ratio = recipe.image_aspect_ratio
-        processor.vision_aspect_ratio = recipe.image_aspect_ratio
-    processor_mode = getattr(processor, "image_layout", {}).get("mode", "anyres") if hasattr(processor, "image_layout") else "anyres"
-    if processor_mode != layout.mode:
-        processor = _square_processor(processor) if layout.mode == "square" else processor
-        if layout.mode != "square":
-            raise RecipeError(
-                f"the processor counts image tokens for a {processor_mode!r} layout but the model uses "
-                f"{layout.mode!r}; use the model's own processor (recipe key 'processor')"
-            )
+    processor_mode = (getattr(processor, "image_layout", None) or {}).get("mode", "anyres")
+    if layout.mode == "square" and processor_mode != "square":
+        processor = _square_processor(processor)
+    elif layout.mode != processor_mode:
+        raise RecipeError(
+            f"the processor counts image tokens for a {processor_mode!r} layout but the model uses {layout.mode!r}; "
+            "use the model's own processor (recipe key 'processor')"
+        )
     return processor, layout
 
 
@@ -226,18 +246,22 @@ def patch_model(recipe: Recipe, model, layout):
         current = getattr(model.config, "manager", None)
         if recipe.manager is not None and current is not None:
             wanted = ManagerConfig(**recipe.manager).resolve(model.config).to_dict()
-            differs = {k: (current.get(k), v) for k, v in wanted.items() if recipe.manager.get(k) is not None and current.get(k) != v}
+            differs = {
+                k: (current.get(k), v)
+                for k, v in wanted.items()
+                if recipe.manager.get(k) is not None and current.get(k) != v
+            }
             if differs:
-                logger.warning("the model is already patched; keeping its Managers (recipe 'manager' differs: %s)", differs)
+                logger.warning(
+                    "the model is already patched; keeping its Managers (recipe 'manager' differs: %s)", differs
+                )
         if recipe.manager is not None and current is None:
             raise RecipeError("recipe key 'manager' asks for Managers but the model is patched without any")
         return model
     if recipe.manager is None and layout == ImageLayout():
         return model
-    if recipe.manager is None:
-        from llava_manager.patch import _patch  # no Managers, but a non-default image layout
-
-        return _patch(model, None, layout)
+    if recipe.manager is None:  # no Managers, but a non-default image layout
+        return patch_llava(model, layout=layout, managers=False)
     try:
         return patch_llava(model, ManagerConfig(**recipe.manager), layout=layout)
     except ManagerError as error:
@@ -260,7 +284,10 @@ def apply_lora(recipe: Recipe, model):
 
     lora = recipe.lora
     config = LoraConfig(
-        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target"],
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target"],
         task_type="CAUSAL_LM",
     )
     try:
@@ -278,7 +305,9 @@ def prepare_data(recipe: Recipe):
         try:
             count = int(recipe.data_path.split(":", 1)[1])
         except ValueError:
-            raise RecipeError(f"recipe key 'data_path' = {recipe.data_path!r}: use synthetic:N with a sample count") from None
+            raise RecipeError(
+                f"recipe key 'data_path' = {recipe.data_path!r}: use synthetic:N with a sample count"
+            ) from None
         folder = Path(recipe.output_dir) / "synthetic_data"
         data_path = write_shapes_dataset(folder, count, seed=recipe.seed)
         image_folder = folder / "images"
@@ -295,30 +324,37 @@ def training_arguments(recipe: Recipe, accumulation: int, deepspeed_config: dict
     from transformers import TrainingArguments
 
     lrs = [recipe.learning_rates[p] for p in recipe.train_parts]
-    kwargs = dict(
-        output_dir=recipe.output_dir,
-        learning_rate=max(lrs),  # logged only: each param group carries its part's rate
-        weight_decay=recipe.weight_decay,
-        num_train_epochs=recipe.num_train_epochs,
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.per_device_train_batch_size,
-        gradient_accumulation_steps=accumulation,
-        lr_scheduler_type=recipe.lr_scheduler_type,
-        warmup_steps=recipe.warmup_ratio,  # a float in [0, 1) is a ratio of the steps
-        max_grad_norm=recipe.max_grad_norm,
-        bf16=recipe.bf16,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
-        deepspeed=deepspeed_config,
-        logging_steps=recipe.logging_steps,
-        save_strategy="steps" if recipe.save_steps > 0 else "no",
-        save_steps=recipe.save_steps if recipe.save_steps > 0 else 500,
-        save_total_limit=recipe.save_total_limit,
-        seed=recipe.seed,
-        dataloader_num_workers=recipe.dataloader_num_workers,
-        report_to=recipe.report_to,
-        remove_unused_columns=False,
-    )
+    kwargs = {
+        "output_dir": recipe.output_dir,
+        "learning_rate": max(lrs),  # logged only: each param group carries its part's rate
+        "weight_decay": recipe.weight_decay,
+        "num_train_epochs": recipe.num_train_epochs,
+        "max_steps": recipe.max_steps,
+        "per_device_train_batch_size": recipe.per_device_train_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "lr_scheduler_type": recipe.lr_scheduler_type,
+        "warmup_steps": recipe.warmup_ratio,  # a float in [0, 1) is a ratio of the steps
+        "max_grad_norm": recipe.max_grad_norm,
+        "bf16": recipe.bf16,
+        "gradient_checkpointing": recipe.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if recipe.gradient_checkpointing else None,
+        "deepspeed": deepspeed_config,
+        "logging_steps": recipe.logging_steps,
+        "save_strategy": "steps" if recipe.save_steps > 0 else "no",
+        "save_steps": recipe.save_steps if recipe.save_steps > 0 else 500,
+        "save_total_limit": recipe.save_total_limit,
+        "seed": recipe.seed,
+        "dataloader_num_workers": recipe.dataloader_num_workers,
+        "report_to": recipe.report_to,
+        "remove_unused_columns": False,
+    }
+    import torch
+
+    if not torch.cuda.is_available():
+        # accelerate only counts the processes of a CPU-only launch (torchrun, deepspeed) as distributed with
+        # use_cpu; without it each rank thinks it is alone and DeepSpeed's batch-size check fails
+        kwargs["use_cpu"] = True
+        kwargs["dataloader_pin_memory"] = False
     kwargs.update(recipe.training_args)
     try:
         return TrainingArguments(**kwargs)
@@ -326,10 +362,21 @@ def training_arguments(recipe: Recipe, accumulation: int, deepspeed_config: dict
         raise RecipeError(f"the recipe gives invalid TrainingArguments: {error}") from None
 
 
-def train(recipe: Recipe, *, callbacks: list | None = None) -> TrainResult:
-    """Run one training job described by `recipe` and return its result (the trainer included)."""
+@dataclass
+class Prepared:
+    """What `build_trainer` made besides the trainer (needed to finish the run)."""
+
+    processor: Any
+    lora_config: Any
+    skipped: list[str]
+
+
+def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
+    """Check everything, build model / data / `ManagerTrainer`; returns `(trainer, Prepared)`.
+
+    All input errors are raised before `TrainingArguments`, which starts the process group."""
     deepspeed_config = recipe.deepspeed_config()
-    prepare_environment(uses_deepspeed=deepspeed_config is not None)
+    prepare_environment(uses_deepspeed=deepspeed_config is not None, cpu_threads=recipe.cpu_threads)
     accumulation = resolve_accumulation(recipe, world_size_from_env())
 
     # 1. everything that can be wrong, checked before any process group starts
@@ -374,19 +421,23 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> TrainResult:
         group_by_modality_length=recipe.group_by_modality_length,
         lora=recipe.lora is not None,
     )
+    return trainer, Prepared(processor=processor, lora_config=lora_config, skipped=data.skipped)
+
+
+def train(recipe: Recipe, *, callbacks: list | None = None) -> TrainResult:
+    """Run one training job described by `recipe` and return its result (the trainer included)."""
+    trainer, prepared = build_trainer(recipe, callbacks=callbacks)
     resume = recipe.resume_from_checkpoint
-    if resume is False:
-        resume = None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=None if resume is False else resume)
 
     # 3. the final directory
     output_dir = Path(recipe.output_dir)
-    if lora_config is None:
+    if prepared.lora_config is None:
         trainer.save_model(str(output_dir))
     else:
-        save_lora_result(trainer, lora_config, processor, output_dir)
+        save_lora_result(trainer, prepared.lora_config, prepared.processor, output_dir)
     trainer.save_state()
-    dropped = _gather_dropped(trainer, data.skipped)
+    dropped = _gather_dropped(trainer, prepared.skipped)
     if trainer.args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -447,16 +498,25 @@ def save_lora_result(trainer, lora_config, processor, output_dir: Path) -> None:
 
 # ---- command line --------------------------------------------------------------------------------------
 def split_argv(argv: list[str]) -> tuple[str, list[str], bool]:
-    """(recipe, overrides, print_only) from `[RECIPE] [--key value ...] [--print-recipe]`."""
+    """(recipe, overrides, print_only) from `[RECIPE] [--key value ...] [--print-recipe]`.
+
+    The `deepspeed` launcher puts `--local_rank=N` first; it is dropped (LOCAL_RANK is in the environment)."""
+    rest: list[str] = []
+    skip_next = False
+    for k, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.split("=")[0] in ("--local_rank", "--local-rank"):
+            skip_next = "=" not in arg and k + 1 < len(argv) and not argv[k + 1].startswith("--")
+            continue
+        rest.append(arg)
+    print_only = "--print-recipe" in rest
+    rest = [a for a in rest if a != "--print-recipe"]
     recipe = "tiny_cpu"
-    argv = list(argv)
-    print_only = False
-    if "--print-recipe" in argv:
-        argv.remove("--print-recipe")
-        print_only = True
-    if argv and not argv[0].startswith("--"):
-        recipe = argv.pop(0)
-    return recipe, argv, print_only
+    if rest and not rest[0].startswith("--"):
+        recipe = rest.pop(0)
+    return recipe, rest, print_only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {f.name:30s} {f.metadata.get('help', '')}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # DeepSpeed calls torch.distributed functions that torch deprecates, once per module and step
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     recipe_name, overrides, print_only = split_argv(argv)
     try:
         recipe = load_recipe(recipe_name, parse_overrides(overrides))

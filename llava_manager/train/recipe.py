@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -80,7 +81,8 @@ class Recipe:
         default_factory=dict, metadata={"help": "ManagerConfig fields; null = train without Managers"}
     )
     image_aspect_ratio: str | None = field(
-        default=None, metadata={"help": "square | anyres_max_N (default: the model's vision_aspect_ratio)"}
+        default=None,
+        metadata={"help": "square | anyres_max_N | anyres (no shrink; patched models only); default: the model's"},
     )
     image_grid_pinpoints: Any = field(
         default=None, metadata={"help": "[[h, w], ...] or '(1x1),...,(6x6)' in units of the crop size"}
@@ -101,7 +103,8 @@ class Recipe:
     conv_template: str = field(default="qwen_1_5", metadata={"help": "qwen_1_5 (ChatML) | plain (captions)"})
     system_prompt: str = field(default="You are a helpful assistant.", metadata={"help": "ChatML system message"})
     check_images: str = field(
-        default="exists", metadata={"help": "before training: none | exists (stat every image) | open (decode every image)"}
+        default="exists",
+        metadata={"help": "before training: none | exists (stat every image) | open (decode every image)"},
     )
     on_bad_image: str = field(default="error", metadata={"help": "missing/unreadable image: error | skip (and count)"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, similar lengths"})
@@ -129,6 +132,9 @@ class Recipe:
     save_total_limit: int | None = field(default=1, metadata={"help": "checkpoints kept"})
     seed: int = field(default=42, metadata={"help": "random seed (model init, data order, jitter)"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loading processes per rank"})
+    cpu_threads: int | None = field(
+        default=None, metadata={"help": "torch threads per process when training on CPU (null = torch's default)"}
+    )
     report_to: Any = field(default="none", metadata={"help": "none | tensorboard | wandb | ..."})
     resume_from_checkpoint: Any = field(
         default=None, metadata={"help": "checkpoint dir, or true = the latest in output_dir"}
@@ -189,8 +195,9 @@ class Recipe:
                 raise RecipeError(f"recipe key 'manager': {error}") from None
 
         if self.image_aspect_ratio is not None:
-            if self.image_aspect_ratio != "square" and not _ANYRES_MAX.fullmatch(str(self.image_aspect_ratio)):
-                raise self._err("image_aspect_ratio", self.image_aspect_ratio, "use 'square' or 'anyres_max_N' (N >= 1)")
+            value = self.image_aspect_ratio
+            if value not in ("square", "anyres") and not _ANYRES_MAX.fullmatch(str(value)):
+                raise self._err("image_aspect_ratio", value, "use 'square', 'anyres_max_N' (N >= 1) or 'anyres'")
         if self.image_grid_pinpoints is not None:
             self.image_grid_pinpoints = self._parse_pinpoints(self.image_grid_pinpoints)
 
@@ -234,7 +241,9 @@ class Recipe:
             except (re.error, TypeError) as error:
                 raise self._err("lora.target", lora["target"], f"not a regular expression ({error})") from None
             if "language_model" not in self.train_parts:
-                raise self._err("lora", self.lora, "LoRA trains the language model: add 'language_model' to train_parts")
+                raise self._err(
+                    "lora", self.lora, "LoRA trains the language model: add 'language_model' to train_parts"
+                )
             self.lora = lora
 
         self._int("model_max_length", minimum=8)
@@ -276,6 +285,8 @@ class Recipe:
             self._int("save_total_limit", minimum=1)
         self._int("seed", minimum=0)
         self._int("dataloader_num_workers", minimum=0)
+        if self.cpu_threads is not None:
+            self._int("cpu_threads", minimum=1)
         if not isinstance(self.report_to, (str, list)):
             raise self._err("report_to", self.report_to, "use a string or a list of strings")
         if self.resume_from_checkpoint is not None and not isinstance(self.resume_from_checkpoint, (str, bool)):
@@ -290,7 +301,8 @@ class Recipe:
             for name in self.training_args:
                 if name not in allowed:
                     raise self._err(
-                        f"training_args.{name}", self.training_args[name],
+                        f"training_args.{name}",
+                        self.training_args[name],
                         f"not a TrainingArguments field{_suggest(name, sorted(allowed))}",
                     )
                 if name in owned:
@@ -347,7 +359,7 @@ class Recipe:
                 value = float(value)
             except ValueError:
                 raise self._err(key, value, "use a number") from None
-        if not isinstance(value, (int, float)) or value != value:
+        if not isinstance(value, (int, float)) or math.isnan(value):
             raise self._err(key, value, "use a number")
         if minimum is not None and (value <= minimum if strict else value < minimum):
             raise self._err(key, value, f"use a number {'>' if strict else '>='} {minimum}")
@@ -404,7 +416,9 @@ def _load_deepspeed(value: str | dict, base_dir: Path | None, source: str | None
     try:
         return json.loads(found.read_text())
     except json.JSONDecodeError as error:
-        raise RecipeError(f"recipe key 'deepspeed' = {value!r} is invalid{where}: {found} is not JSON ({error}).") from None
+        raise RecipeError(
+            f"recipe key 'deepspeed' = {value!r} is invalid{where}: {found} is not JSON ({error})."
+        ) from None
 
 
 def _suggest(name: str, choices) -> str:
@@ -445,7 +459,9 @@ def _yaml_value(text: str) -> Any:
 def read_recipe_file(path_or_name: str) -> tuple[dict[str, Any], Path]:
     found = find_config(path_or_name, "recipes", (".yaml", ".yml"))
     if found is None:
-        raise RecipeError(f"recipe {path_or_name!r}: no such file and not a shipped recipe (stage1, stage1_5, stage2_si, tiny_cpu)")
+        raise RecipeError(
+            f"recipe {path_or_name!r}: no such file and not a shipped recipe (stage1, stage1_5, stage2_si, tiny_cpu)"
+        )
     try:
         data = yaml.safe_load(found.read_text()) or {}
     except yaml.YAMLError as error:
@@ -487,9 +503,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str
 def load_recipe(path_or_name: str, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Read a recipe YAML (path or shipped name), apply overrides, validate; raises `RecipeError`."""
     data, found = read_recipe_file(path_or_name)
+    keys = Recipe.keys()
     for key in data:
-        if key not in Recipe.keys():
-            raise RecipeError(f"recipe {found}: unknown key {key!r}{_suggest(str(key), Recipe.keys())}")
+        if key not in keys:
+            raise RecipeError(f"recipe {found}: unknown key {key!r}{_suggest(str(key), keys)}")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     data = apply_overrides(data, overrides or {}, str(found))
@@ -498,9 +515,10 @@ def load_recipe(path_or_name: str, overrides: list[str] | dict[str, Any] | None 
 
 def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
     """A `Recipe` from a mapping (tests, notebooks); unknown keys raise."""
+    keys = Recipe.keys()
     for key in data:
-        if key not in Recipe.keys():
-            raise RecipeError(f"unknown recipe key {key!r}{_suggest(str(key), Recipe.keys())}")
+        if key not in keys:
+            raise RecipeError(f"unknown recipe key {key!r}{_suggest(str(key), keys)}")
     return Recipe(**data, source=source)
 
 

@@ -61,13 +61,15 @@ def shapes_records(n: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> tup
         sample_id = f"shapes-{index:05d}"
         if kind == "text":
             a, b = rng.randrange(0, 6), rng.randrange(0, 5)
-            records.append({
-                "id": sample_id,
-                "conversations": [
-                    {"from": "human", "value": f"What is {NUMBERS[a]} and {NUMBERS[b]}?"},
-                    {"from": "gpt", "value": f"{NUMBERS[a + b].capitalize()}."},
-                ],
-            })
+            records.append(
+                {
+                    "id": sample_id,
+                    "conversations": [
+                        {"from": "human", "value": f"What is {NUMBERS[a]} and {NUMBERS[b]}?"},
+                        {"from": "gpt", "value": f"{NUMBERS[a + b].capitalize()}."},
+                    ],
+                }
+            )
             continue
         count = 1 if kind == "single" else 2
         names, drawn = [], []
@@ -82,25 +84,29 @@ def shapes_records(n: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> tup
             question, answer = "What color is the shape?", f"The {shape} is {color}."
             if rng.random() < 0.5:
                 question, answer = "What shape is in the image?", f"A {color} {shape}."
-            records.append({
-                "id": sample_id,
-                "image": names[0],
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{question}"},
-                    {"from": "gpt", "value": answer},
-                ],
-            })
+            records.append(
+                {
+                    "id": sample_id,
+                    "image": names[0],
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{question}"},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+            )
         else:
-            records.append({
-                "id": sample_id,
-                "image": names,
-                "conversations": [
-                    {"from": "human", "value": "<image>\n<image>\nWhat color is the shape in the right image?"},
-                    {"from": "gpt", "value": f"{drawn[1][1].capitalize()}."},
-                    {"from": "human", "value": "And in the left image?"},
-                    {"from": "gpt", "value": f"{drawn[0][1].capitalize()}."},
-                ],
-            })
+            records.append(
+                {
+                    "id": sample_id,
+                    "image": names,
+                    "conversations": [
+                        {"from": "human", "value": "<image>\n<image>\nWhat color is the shape in the right image?"},
+                        {"from": "gpt", "value": f"{drawn[1][1].capitalize()}."},
+                        {"from": "human", "value": "And in the left image?"},
+                        {"from": "gpt", "value": f"{drawn[0][1].capitalize()}."},
+                    ],
+                }
+            )
     return records, images
 
 

@@ -97,12 +97,14 @@ def build_param_groups(
                 continue
             if part not in learning_rates:
                 raise ValueError(f"part {part!r} has trainable parameters but no learning rate (learning_rates.{part})")
-            result.append({
-                "params": params,
-                "lr": learning_rates[part],
-                "weight_decay": weight_decay if decay else 0.0,
-                "name": part if decay else f"{part}.no_decay",
-            })
+            result.append(
+                {
+                    "params": params,
+                    "lr": learning_rates[part],
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "name": part if decay else f"{part}.no_decay",
+                }
+            )
     return result
 
 
@@ -117,8 +119,14 @@ class ManagerTrainer(Trainer):
             hold the fully trained Manager / projector / tower weights (`non_lora_trainables.safetensors`).
     """
 
-    def __init__(self, *args, learning_rates: dict[str, float], group_by_modality_length: bool = False,
-                 lora: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        learning_rates: dict[str, float],
+        group_by_modality_length: bool = False,
+        lora: bool = False,
+        **kwargs,
+    ):
         self.learning_rates = dict(learning_rates)
         self.group_by_modality_length = group_by_modality_length
         self.lora = lora
@@ -196,7 +204,11 @@ class ManagerTrainer(Trainer):
 def non_lora_trainables(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable non-LoRA tensors under their names in the unwrapped LLaVA-OV (stable across PEFT)."""
     base = unwrap_llava(model)
-    return {name: p.detach().cpu().contiguous() for name, p in base.named_parameters() if p.requires_grad and "lora_" not in name}
+    return {
+        name: p.detach().cpu().contiguous()
+        for name, p in base.named_parameters()
+        if p.requires_grad and "lora_" not in name
+    }
 
 
 def save_non_lora_trainables(model: nn.Module, folder: str) -> None:

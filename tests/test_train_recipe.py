@@ -1,0 +1,198 @@
+"""Recipes, DeepSpeed JSONs, overrides and their errors (no training here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llava_manager.train.recipe import (
+    Recipe,
+    RecipeError,
+    find_config,
+    load_recipe,
+    parse_overrides,
+    resolve_accumulation,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_deepspeed_configs(name):
+    config = json.loads((ROOT / "configs" / "deepspeed" / f"{name}.json").read_text())
+    assert "optimizer" not in config and "scheduler" not in config  # per-part learning rates survive
+    for key in (
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    ):
+        assert config[key] == "auto"
+    assert config["bf16"]["enabled"] == "auto"
+    zero = config["zero_optimization"]
+    assert zero["stage"] == (2 if name == "zero2" else 3)
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert (zero.get("offload_optimizer", {}).get("device") == "cpu") == (name == "zero3_offload")
+
+
+def test_tiny_model_config_matches_tiny_py():
+    from transformers import LlavaOnevisionConfig
+
+    from llava_manager.tiny import tiny_config
+
+    shipped = LlavaOnevisionConfig.from_json_file(str(ROOT / "configs" / "models" / "tiny.json")).to_dict()
+    built = tiny_config().to_dict()
+    for config in (shipped, built):
+        config.pop("transformers_version", None)
+    assert shipped == built
+
+
+ALL_PARTS = ["manager", "projector", "vision_tower", "language_model"]
+LATE_LRS = {"manager": 5e-5, "projector": 1e-5, "vision_tower": 2e-6, "language_model": 1e-5}
+PAPER = {  # reference doc, training recipe table
+    "stage1": {
+        "parts": ["manager", "projector"],
+        "lrs": {"manager": 1e-3, "projector": 1e-3},
+        "max_len": 8192,
+        "template": "plain",
+        "aspect": "square",
+    },
+    "stage1_5": {
+        "parts": ALL_PARTS,
+        "lrs": LATE_LRS,
+        "max_len": 16384,
+        "template": "qwen_1_5",
+        "aspect": "anyres_max_9",
+    },
+    "stage2_si": {
+        "parts": ALL_PARTS,
+        "lrs": LATE_LRS,
+        "max_len": 16384,
+        "template": "qwen_1_5",
+        "aspect": "anyres_max_9",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_stage_recipes_follow_the_paper(name):
+    recipe, paper = load_recipe(name), PAPER[name]
+    assert recipe.train_parts == paper["parts"] and recipe.learning_rates == paper["lrs"]
+    assert recipe.model_max_length == paper["max_len"] and recipe.conv_template == paper["template"]
+    assert recipe.image_aspect_ratio == paper["aspect"]
+    assert (recipe.num_train_epochs, recipe.lr_scheduler_type, recipe.warmup_ratio, recipe.weight_decay) == (
+        1.0,
+        "cosine",
+        0.03,
+        0.0,
+    )
+    assert recipe.bf16 and recipe.gradient_checkpointing and recipe.global_batch_size == 512
+    assert recipe.per_device_train_batch_size * resolve_accumulation(recipe, 8) * 8 == 512
+    assert recipe.per_device_train_batch_size * resolve_accumulation(recipe, 16) * 16 == 512
+    assert recipe.manager["manager_type"] == "static"
+    assert "optimizer" not in recipe.deepspeed_config()
+    if name == "stage1_5":
+        assert recipe.resolve_pinpoints(384) == [[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]
+    if name == "stage2_si":
+        grid = recipe.resolve_pinpoints(384)
+        assert len(grid) == 36 and grid[0] == [384, 384] and grid[-1] == [2304, 2304]
+
+
+def test_overrides_are_typed():
+    recipe = load_recipe(
+        "tiny_cpu",
+        [
+            "--learning_rates.manager",
+            "5e-5",
+            "--train_parts",
+            "manager,projector",
+            "--manager.grid=base",
+            "--max_steps",
+            "3",
+            "--gradient_checkpointing",
+            "--local_rank=0",
+            "--deepspeed.zero_optimization.stage",
+            "3",
+        ],
+    )
+    assert recipe.learning_rates["manager"] == 5e-5 and recipe.train_parts == ["manager", "projector"]
+    assert recipe.manager["grid"] == "base" and recipe.max_steps == 3 and recipe.gradient_checkpointing is True
+    assert recipe.deepspeed_config()["zero_optimization"]["stage"] == 3
+    assert parse_overrides(["--a", "[1, 2]", "--b", "null"]) == {"a": [1, 2], "b": None}
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["--max_step", "3"], r"unknown recipe key 'max_step'.*did you mean 'max_steps'"),
+        (["--per_device_train_batch_size", "0"], r"'per_device_train_batch_size' = 0.*>= 1"),
+        (["--conv_template", "chatml"], r"'conv_template' = 'chatml'.*qwen_1_5, plain"),
+        (["--manager.grid", "main"], r"'manager'.*grid='main'.*'base'"),
+        (["--manager.gird", "base"], r"'manager.gird'.*did you mean 'grid'"),
+        (["--learning_rates.llm", "1e-5"], r"'learning_rates.llm'.*unknown part"),
+        (["--learning_rates.manager", "fast"], r"'learning_rates.manager' = 'fast'.*number"),
+        (
+            [
+                "--train_parts",
+                "manager,projector,vision_tower",
+                "--learning_rates",
+                "{manager: 1.0e-3, projector: 1.0e-3}",
+            ],
+            r"'learning_rates.vision_tower'.*give it a learning rate",
+        ),
+        (["--train_parts", "mlp"], r"'train_parts'.*unknown part 'mlp'"),
+        (["--deepspeed", "zero4"], r"'deepspeed' = 'zero4'.*no such file"),
+        (["--image_grid_pinpoints", "(1x1)-(6x6)"], r"'image_grid_pinpoints'"),
+        (["--image_aspect_ratio", "anyres_9"], r"'image_aspect_ratio' = 'anyres_9'"),
+        (["--warmup_ratio", "1.5"], r"'warmup_ratio'"),
+        (["--training_args.learning_rat", "1"], r"'training_args.learning_rat'.*not a TrainingArguments field"),
+        (["--manager", "null"], r"'train_parts'.*'manager' is null"),
+        (["--lora", "{r: 8}", "--train_parts", "manager"], r"'lora'.*add 'language_model'"),
+        (["--gradient_accumulation_steps", "auto"], r"'auto' needs global_batch_size"),
+    ],
+)
+def test_bad_recipe_values_name_the_key(overrides, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe("tiny_cpu", overrides)
+
+
+def test_recipe_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_config: tiny\nprocessor: tiny\ndata_path: x.json\nlearning_rate: 1.0e-3\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: unknown key 'learning_rate'.*did you mean 'learning_rates'"):
+        load_recipe(str(bad))
+    with pytest.raises(RecipeError, match="no such file and not a shipped recipe"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    optimizer = tmp_path / "ds.json"
+    optimizer.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(RecipeError, match="remove the DeepSpeed 'optimizer' block"):
+        load_recipe("tiny_cpu", ["--deepspeed", str(optimizer)])
+
+
+def test_global_batch_must_add_up():
+    recipe = load_recipe("stage2_si", ["--gradient_accumulation_steps", "4"])
+    with pytest.raises(RecipeError, match=r"global_batch_size' = 512 but .* 4 x 4 x 8 = 128"):
+        resolve_accumulation(recipe, 8)
+    with pytest.raises(RecipeError, match="not a multiple"):
+        resolve_accumulation(load_recipe("stage2_si"), 3)
+
+
+def test_shipped_names_resolve():
+    assert find_config("zero3", "deepspeed", (".json",)).name == "zero3.json"
+    assert find_config("tiny", "models", (".json",)).name == "tiny.json"
+    assert set(Recipe.keys()) >= {"manager", "learning_rates", "lora", "deepspeed", "training_args"}
+
+
+def test_cli_prints_the_resolved_recipe(capsys):
+    from llava_manager.cli import main
+
+    assert main(["train", "tiny_cpu", "--max_steps", "7", "--print-recipe"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "model_config: tiny" in out
+    assert main(["train", "--max_steps", "7", "--print-recipe"]) == 0  # RECIPE defaults to tiny_cpu
+    assert "max_steps: 7" in capsys.readouterr().out
+    assert main(["train", "tiny_cpu", "--bogus", "1"]) == 2
+    assert "unknown recipe key 'bogus'" in capsys.readouterr().err

@@ -1,0 +1,64 @@
+"""Helpers for the tests/test_train_*.py files: synthetic data in tmp dirs and small tiny_cpu recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llava_manager.train.recipe import load_recipe
+from llava_manager.train.synthetic import draw_shape, write_shapes_dataset
+
+
+def shapes_data(folder: Path, n: int = 12, kinds=("single", "multi", "text"), seed: int = 0) -> tuple[Path, Path]:
+    """(data.json, image folder) with `n` samples cycling through `kinds`."""
+    data = write_shapes_dataset(folder, n, seed=seed, kinds=tuple(kinds))
+    return data, folder / "images"
+
+
+def write_records(folder: Path, records: list[dict], name: str = "data.json") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+def image_file(folder: Path, name: str, shape="circle", color="red", size=(64, 48)) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    draw_shape(shape, color, size).save(folder / name)
+    return name
+
+
+def tiny_recipe(tmp_path: Path, *overrides: str, n: int = 12, kinds=("single", "multi", "text")):
+    """The shipped tiny_cpu recipe on `n` synthetic samples in tmp_path, short and without checkpoints."""
+    data, images = shapes_data(tmp_path / "data", n, kinds)
+    base = [
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--data_path",
+        str(data),
+        "--image_folder",
+        str(images),
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "0",
+        "--per_device_train_batch_size",
+        "2",
+        "--deepspeed",
+        "null",
+    ]
+    return load_recipe("tiny_cpu", base + list(overrides))
+
+
+def keep_torch_threads():
+    """Generator for an autouse fixture: training sets torch threads (recipe cpu_threads); restore them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
