@@ -19,7 +19,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from .config import ImageLayout, ManagerConfig
 from .managers import ManagerStack
-from .packing import pack_image, parse_max_crops
+from .packing import pack_image, parse_max_crops, token_sources
 from .vision import VisionCapture
 
 
@@ -99,7 +99,8 @@ class ImageFeatureComputer:
             layer_stack = None
         main = model.multi_modal_projector(main)  # (crops, P, D)
         if layer_stack is not None:
-            layer_stack = self.stack.embed_layers(model.multi_modal_projector(layer_stack))  # (crops, N, P, D)
+            # the projector's output is ours alone: add the layer embedding in place
+            layer_stack = self.stack.embed_layers(model.multi_modal_projector(layer_stack), inplace=True)  # (crops, N, P, D)
 
         packed_main, packed_layers = self._pack(
             main, layer_stack, crops_per_image, image_sizes, max_crops=max_crops, square=square
@@ -145,39 +146,70 @@ class ImageFeatureComputer:
         return residual
 
     def _pack(self, main, layer_stack, crops_per_image, image_sizes, *, max_crops, square):
-        """Pack per image. main: (crops, P, D); layer_stack: (crops, N, P, D) or None."""
-        model = self.llava_model
-        config = model.config
-        hidden = main.shape[-1]
-        newline = None if square else model.image_newline
-        if layer_stack is not None:
-            crops, num_layers, tokens, _ = layer_stack.shape
-            # fold the N layers into channels: (crops, P, (1 + N) * D); newline repeated for every layer
-            folded = torch.cat([main, layer_stack.transpose(1, 2).reshape(crops, tokens, num_layers * hidden)], -1)
-            if newline is not None:
-                newline = newline.to(main.dtype).repeat(1 + num_layers)
-        else:
-            folded = main
-        packed_main, packed_layers = [], []
-        for features, size in zip(torch.split(folded, crops_per_image, dim=0), image_sizes):
-            size_hw = tuple(int(v) for v in (size.tolist() if torch.is_tensor(size) else size))
-            tokens = pack_image(
-                features,
-                size_hw,
-                grid_pinpoints=config.image_grid_pinpoints,
-                crop_pixels=config.vision_config.image_size,
-                newline=newline,
-                max_crops=max_crops,
-                unpad_mode=self.layout.unpad,
-                square=square,
-            )  # (T_i, (1 + N) * D)
-            packed_main.append(tokens[:, :hidden])
-            if layer_stack is not None:
-                layers = tokens[:, hidden:]  # (T_i, N * D)
-                if self.config.grid != "all":
-                    layers = layers * self._token_is_managed(tokens.shape[0], features.shape[1], layers)
-                packed_layers.append(layers)
-        return packed_main, (packed_layers if layer_stack is not None else None)
+        """Pack per image. main: (crops, P, D) -> [(T_i, D)]; layer_stack: (crops, N, P, D) -> [(T_i, N * D)] or None."""
+        config = self.llava_model.config
+        newline = None if square else self.llava_model.image_newline
+        sizes = [tuple(int(v) for v in (size.tolist() if torch.is_tensor(size) else size)) for size in image_sizes]
+        layout = {
+            "grid_pinpoints": config.image_grid_pinpoints,
+            "crop_pixels": config.vision_config.image_size,
+            "max_crops": max_crops,
+            "unpad_mode": self.layout.unpad,
+            "square": square,
+        }
+        packed_main = [
+            pack_image(features, size, newline=newline, **layout)  # (T_i, D)
+            for features, size in zip(torch.split(main, crops_per_image, dim=0), sizes)
+        ]
+        if layer_stack is None:
+            return packed_main, None
+        return packed_main, self._pack_layers(layer_stack, crops_per_image, sizes, newline, layout)
+
+    def _pack_layers(self, layer_stack, crops_per_image, sizes, newline, layout) -> list[torch.Tensor]:
+        """(crops, N, P, D) -> per image (T_i, N * D), laid out like the main feature (newline rows: `image_newline` in
+        every layer; rows outside the `grid` span: zero).
+
+        Packing only copies tokens (unless the `anyres_max` shrink blends them), so all images of the batch are
+        gathered in one indexing call, straight into the token-major layout the Managers read; the per-image outputs
+        are consecutive row blocks of that one tensor.
+        """
+        crops, num_layers, tokens, width = layer_stack.shape
+        sources = [
+            token_sources(n, tokens, size, with_newline=newline is not None, **layout)
+            for n, size in zip(crops_per_image, sizes)
+        ]
+        if any(source is None for source in sources):
+            return self._pack_layers_as_channels(layer_stack, crops_per_image, sizes, newline, layout)
+        first_rows = [0]
+        for n in crops_per_image[:-1]:
+            first_rows.append(first_rows[-1] + n * tokens)
+        rows = torch.cat([torch.where(s < 0, s, s + first) for s, first in zip(sources, first_rows)])  # (T,), -1: newline
+        is_newline = rows < 0
+        rows = rows.clamp(min=0).to(layer_stack.device)
+        features = layer_stack[rows // tokens, :, rows % tokens]  # (T, N, D)
+        if newline is not None:
+            features[is_newline.to(features.device)] = newline.to(features.dtype)
+        if self.config.grid != "all":
+            position = torch.cat([torch.arange(s.shape[0]) for s in sources])  # index of each token within its image
+            is_base = position < tokens
+            managed = is_base if self.config.grid == "base" else ~is_base
+            features[~managed.to(features.device)] = 0
+        features = features.view(-1, num_layers * width)  # (T, N * D)
+        return list(features.split([s.shape[0] for s in sources], dim=0))
+
+    def _pack_layers_as_channels(self, layer_stack, crops_per_image, sizes, newline, layout) -> list[torch.Tensor]:
+        """The bilinear-shrink case: each image's N layers folded into channels, packed like the main feature."""
+        crops, num_layers, tokens, width = layer_stack.shape
+        if newline is not None:
+            newline = newline.to(layer_stack.dtype).repeat(num_layers)  # (N * D,)
+        packed = []
+        for features, size in zip(torch.split(layer_stack, crops_per_image, dim=0), sizes):
+            folded = features.transpose(1, 2).reshape(features.shape[0], tokens, num_layers * width)  # (crops_i, P, N * D)
+            layers = pack_image(folded, size, newline=newline, **layout)  # (T_i, N * D)
+            if self.config.grid != "all":
+                layers = layers * self._token_is_managed(layers.shape[0], tokens, layers)
+            packed.append(layers)
+        return packed
 
     def _token_is_managed(self, num_tokens: int, base_tokens: int, like: torch.Tensor) -> torch.Tensor:
         """(T_i, 1) 0/1 factor: the base crop's tokens come first, everything after belongs to the grid."""

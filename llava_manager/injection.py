@@ -38,13 +38,16 @@ class InjectionPlan:
 
     positions (`(T,)`): flat indices (`batch * seq_len + pos`) of the image tokens, in feature order.
     features (`(T, N, D)`): their multi-layer features (zero rows outside the `grid` span).
+    token_sample (`(T,)`): the sample of each image token.
     query (`_QueryPlan`, *optional*): the adaptive Managers' instruction positions.
+    span (`tuple[int, int]`, *optional*): `positions` as `range(start, stop)` when they are consecutive.
     """
 
     positions: torch.Tensor
     features: torch.Tensor
     token_sample: torch.Tensor
     query: _QueryPlan | None = None
+    span: tuple[int, int] | None = None  # (start, stop) when `positions` is one run of consecutive indices
 
 
 @dataclass
@@ -125,7 +128,7 @@ class LLMInjection:
                 "mm_encoder_outputs computed by this patched model's get_image_features"
             )
         if has_images:
-            features = torch.cat([f.reshape(-1, num_layers * width) for f in layer_features[0]], dim=0)
+            features = _join_rows([f.reshape(-1, num_layers * width) for f in layer_features[0]])  # (T, N * D)
             if features.shape[0] != positions.shape[0]:
                 raise RuntimeError(
                     f"Manager features and image tokens do not match: tokens {positions.shape[0]}, "
@@ -138,7 +141,14 @@ class LLMInjection:
                 features = features + self.stack.layer_embedding.weight.to(hidden.dtype)
         token_sample = torch.div(positions, seq_len, rounding_mode="floor")
         query = self._query_plan(state, image_mask, hidden) if self.config.is_adaptive and has_images else None
-        state.plan = InjectionPlan(positions=positions, features=features, token_sample=token_sample, query=query)
+        span = None
+        if has_images:
+            first, last = (int(p) for p in positions[[0, -1]].tolist())
+            if last - first + 1 == positions.shape[0]:  # one block of consecutive tokens (e.g. one image, one sample)
+                span = (first, last + 1)
+        state.plan = InjectionPlan(
+            positions=positions, features=features, token_sample=token_sample, query=query, span=span
+        )
         return None
 
     def _image_token_mask(self, state: _ForwardState, hidden: torch.Tensor) -> torch.Tensor:
@@ -195,7 +205,7 @@ class LLMInjection:
                 delta = manager(plan.features, context=self._query_context(plan, flat))
             else:
                 delta = manager(plan.features)  # (T, D)
-            updated = flat.index_add(0, plan.positions, delta.to(hidden.dtype)).view_as(hidden)
+            updated = _add_rows(flat, plan, delta.to(hidden.dtype)).view_as(hidden)
             if args:
                 return (updated, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": updated}
@@ -287,6 +297,38 @@ def instruction_positions(is_image: list[bool], is_start: list[bool], is_valid: 
         s2 = starts[2] if len(starts) > 2 else end
         span = list(range(s1 + 3, first - 1)) + list(range(after + 1, s2 - 2))
     return [i for i in span if begin <= i < end and not is_image[i]]
+
+
+def _add_rows(flat: torch.Tensor, plan: InjectionPlan, delta: torch.Tensor) -> torch.Tensor:
+    """`flat` (B * L, D) with `delta` (T, D) added at `plan.positions`, out of place.
+
+    Same sums as `flat.index_add(0, positions, delta)` (each row gets exactly one addition), without its scatter:
+    a slice when the image tokens are consecutive, otherwise gather, add and copy back.
+    """
+    if plan.span is not None:
+        start, stop = plan.span
+        updated = flat.clone()
+        updated.narrow(0, start, stop - start).add_(delta)
+        return updated
+    return flat.index_copy(0, plan.positions, flat.index_select(0, plan.positions) + delta)
+
+
+def _join_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(parts)`, without copying when the parts are consecutive row blocks of one contiguous tensor (as
+    features.py returns them; generation may hand over re-arranged lists, which are concatenated)."""
+    if len(parts) == 1:
+        return parts[0]
+    base = parts[0]._base
+    offset = parts[0].storage_offset()
+    if base is not None and base.is_contiguous() and offset == base.storage_offset():
+        for part in parts:
+            if part._base is not base or not part.is_contiguous() or part.storage_offset() != offset:
+                break
+            offset += part.numel()
+        else:
+            if offset - base.storage_offset() == base.numel():
+                return base.view(-1, parts[0].shape[-1])
+    return torch.cat(parts, dim=0)
 
 
 def _cache_length(past_key_values) -> int:

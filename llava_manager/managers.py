@@ -24,6 +24,22 @@ def _jittered(weight: torch.Tensor, jitter: float, training: bool) -> torch.Tens
     return weight * noise
 
 
+_TOKEN_BLOCK = 256
+
+
+def _weighted_sum_in_blocks(layers: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`(layers * weights).sum(-2)` for `(T, N, D)` layers without autograd, a block of tokens at a time.
+
+    The same products and the same sums per token, so the same bits; but the `(block, N, D)` product stays small
+    (in cache, and reused by the allocator) instead of a fresh `(T, N, D)` temporary.
+    """
+    out = layers.new_empty(layers.shape[0], layers.shape[2])  # (T, D)
+    for start in range(0, layers.shape[0], _TOKEN_BLOCK):
+        block = layers[start : start + _TOKEN_BLOCK]
+        torch.sum(block * weights, dim=-2, out=out[start : start + _TOKEN_BLOCK])
+    return out
+
+
 class LayerEmbedding(nn.Module):
     """A learned vector per selected vision layer, added to that layer's (projected) features."""
 
@@ -31,9 +47,10 @@ class LayerEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_layers, width) / math.sqrt(width))
 
-    def forward(self, layer_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer_features: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         # layer_features: (crops, N, tokens, D) -> same shape
-        return layer_features + self.weight[:, None, :].to(layer_features.dtype)
+        embedding = self.weight[:, None, :].to(layer_features.dtype)
+        return layer_features.add_(embedding) if inplace else layer_features + embedding
 
     def extra_repr(self) -> str:
         return f"num_layers={self.weight.shape[0]}, width={self.weight.shape[1]}"
@@ -62,7 +79,10 @@ class StaticManager(nn.Module):
     def forward(self, features: torch.Tensor, **_context) -> torch.Tensor:
         # features: (..., N, D) -> (..., D)
         weights = self.layer_weights().to(features.dtype)
-        return (features[..., : self.num_layers, :] * weights).sum(-2)
+        layers = features[..., : self.num_layers, :]
+        if features.dim() == 3 and not (torch.is_grad_enabled() and (layers.requires_grad or weights.requires_grad)):
+            return _weighted_sum_in_blocks(layers, weights)
+        return (layers * weights).sum(-2)
 
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, width={self.layer_scores.shape[1]}, jitter={self.jitter}"
@@ -189,8 +209,9 @@ class ManagerStack(nn.Module):
                     managers.append(StaticManager(num_layers, width, config.jitter))
         self.managers = nn.ModuleList(managers)
 
-    def embed_layers(self, layer_features: torch.Tensor) -> torch.Tensor:
-        return layer_features if self.layer_embedding is None else self.layer_embedding(layer_features)
+    def embed_layers(self, layer_features: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Add the layer embedding (if any) to `(..., N, tokens, D)` features; `inplace` reuses their memory."""
+        return layer_features if self.layer_embedding is None else self.layer_embedding(layer_features, inplace=inplace)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -37,17 +37,32 @@ def kept_size(original: int, scale: float, unpad: str) -> int:
     return int(round(value, 7)) if unpad == "round" else int(value)
 
 
+def unpadded_window(height: int, width: int, original_hw: tuple[int, int], unpad_mode: str) -> tuple[slice, slice]:
+    """Rows and columns of a `height x width` feature map that the AnyRes resize did not pad."""
+    original_height, original_width = original_hw
+    if original_width / original_height > width / height:
+        new_height = kept_size(original_height, width / original_width, unpad_mode)
+        padding = (height - new_height) // 2
+        return slice(padding, height - padding), slice(0, width)
+    new_width = kept_size(original_width, height / original_height, unpad_mode)
+    padding = (width - new_width) // 2
+    return slice(0, height), slice(padding, width - padding)
+
+
 def unpad(feature_map: torch.Tensor, original_hw: tuple[int, int], unpad_mode: str) -> torch.Tensor:
     """Crop the padding that the AnyRes resize added. feature_map: (C, H, W) -> (C, h, w)."""
-    original_height, original_width = original_hw
-    _, current_height, current_width = feature_map.shape
-    if original_width / original_height > current_width / current_height:
-        new_height = kept_size(original_height, current_width / original_width, unpad_mode)
-        padding = (current_height - new_height) // 2
-        return feature_map[:, padding : current_height - padding, :]
-    new_width = kept_size(original_width, current_height / original_height, unpad_mode)
-    padding = (current_width - new_width) // 2
-    return feature_map[:, :, padding : current_width - padding]
+    rows, cols = unpadded_window(feature_map.shape[1], feature_map.shape[2], original_hw, unpad_mode)
+    return feature_map[:, rows, cols]
+
+
+def shrunk_size(height: int, width: int, side: int, max_crops: int | None) -> tuple[int, int] | None:
+    """`anyres_max_K`: the bilinear target size of an unpadded `height x width` grid map, or None (no shrink)."""
+    if max_crops is None:
+        return None
+    ratio = math.sqrt(height * width / (max_crops * side**2))
+    if ratio <= 1.1:
+        return None
+    return int(height // ratio), int(width // ratio)
 
 
 def pack_image(
@@ -90,13 +105,54 @@ def pack_image(
     grid = grid.permute(4, 0, 2, 1, 3).contiguous()  # (C, rows, side, cols, side)
     grid = grid.flatten(1, 2).flatten(2, 3)  # (C, rows*side, cols*side)
     grid = unpad(grid, image_size_hw, unpad_mode)
-    if max_crops is not None:
-        channels, height, width = grid.shape
-        ratio = math.sqrt(height * width / (max_crops * side**2))
-        if ratio > 1.1:
-            grid = nn.functional.interpolate(grid[None], [int(height // ratio), int(width // ratio)], mode="bilinear")[0]
+    target = shrunk_size(grid.shape[1], grid.shape[2], side, max_crops)
+    if target is not None:
+        grid = nn.functional.interpolate(grid[None], list(target), mode="bilinear")[0]
     if newline is not None:
         newline_column = newline[:, None, None].to(grid).expand(*grid.shape[:-1], 1)  # (C, h, 1)
         grid = torch.cat([grid, newline_column], dim=-1)  # (C, h, w+1)
     grid = grid.flatten(1, 2).transpose(0, 1)  # (h*(w+1), C)
     return torch.cat([base, grid], dim=0)
+
+
+def token_sources(
+    num_crops: int,
+    tokens_per_crop: int,
+    image_size_hw: tuple[int, int],
+    *,
+    grid_pinpoints: list[list[int]],
+    crop_pixels: int,
+    with_newline: bool,
+    max_crops: int | None,
+    unpad_mode: str = "round",
+    square: bool = False,
+) -> torch.Tensor | None:
+    """Where each packed token of one image comes from, when packing only copies.
+
+    Returns:
+        `torch.Tensor` of shape `(tokens,)` (long): for every token `pack_image` would produce, the row of the image's
+        flattened `(crops * tokens_per_crop, C)` features it copies, or -1 for a newline token. None when the
+        `anyres_max` bilinear shrink applies (those tokens are blends, not copies). The layout is `pack_image`'s own,
+        applied to row numbers, so the two cannot disagree.
+    """
+    if not square and num_crops > 1:
+        side = math.isqrt(tokens_per_crop)
+        rows, cols = get_anyres_image_grid_shape(image_size_hw, grid_pinpoints, crop_pixels)
+        kept_rows, kept_cols = unpadded_window(rows * side, cols * side, image_size_hw, unpad_mode)
+        kept_height = len(range(rows * side)[kept_rows])
+        kept_width = len(range(cols * side)[kept_cols])
+        if shrunk_size(kept_height, kept_width, side, max_crops) is not None:
+            return None
+    row_numbers = torch.arange(num_crops * tokens_per_crop).view(num_crops, tokens_per_crop, 1)
+    newline = torch.tensor([-1]) if with_newline else None
+    sources = pack_image(
+        row_numbers,
+        image_size_hw,
+        grid_pinpoints=grid_pinpoints,
+        crop_pixels=crop_pixels,
+        newline=newline,
+        max_crops=None,
+        unpad_mode=unpad_mode,
+        square=square,
+    )  # (tokens, 1)
+    return sources[:, 0]

@@ -1,0 +1,488 @@
+"""What Managers cost: a patched LLaVA-OV against the same model unpatched, measured in one process.
+
+Both models share every weight tensor (one copy in memory). Runs are interleaved (vanilla and patched
+alternate, and the order flips every repetition) and each figure is the median of `--repeats`
+repetitions after `--warmup` unmeasured ones, so drift and neighbours on a shared machine hit both
+sides alike. Measured per image mode:
+
+- prefill: one forward over prompt + image with a KV cache, keeping only the last logits (as `generate()`);
+- decode step: one token with the filled KV cache (median of `--decode-steps` steps per repetition);
+- train step: forward with labels + backward, in training mode (Manager jitter on); logits and loss only on the
+  text after the image (the answer) unless `--full-logits` (a smaller denominator, so a stricter ratio);
+- peak memory of each: weights plus the step's peak of live tensor bytes above what was live before it
+  (CUDA: `max_memory_allocated`; CPU: the profiler's allocation events), measured once after the timings;
+- FLOPs of prefill and train step (`torch.utils.flop_counter`): the floor for the time ratio.
+
+Models are built from config with random weights (nothing is downloaded). Presets: `tiny` (seconds; what
+the test runs), `half-0.5b` (the real 0.5B widths with half the depth: minutes on 2 CPU cores) and
+`paper-0.5b` (the full LLaVA-OV-0.5B shapes and the paper's Managers; for a GPU).
+
+    python benchmarks/overhead.py --preset half-0.5b                      # CPU, fp32, square + anyres 2x2
+    python benchmarks/overhead.py --preset paper-0.5b --device cuda --dtype bfloat16 --images square,anyres,anyres_max_9
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from llava_manager import ImageLayout, ManagerConfig, patch_llava
+from llava_manager.patch import _patch
+
+IMAGE_MODES = ("square", "anyres", "anyres_max_9")
+PHASES = ("prefill", "decode", "train")
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+@dataclass
+class Preset:
+    vision: dict  # SiglipVisionConfig kwargs
+    text: dict  # Qwen2Config kwargs
+    image_token_id: int
+    vision_layers: list[int] | None  # None: the package default (top half)
+    images: tuple[str, ...]  # image modes run when --images is not given
+    text_tokens: tuple[int, int] = (24, 40)  # prompt tokens before / after the image
+    extra: dict = field(default_factory=dict)
+
+
+def _siglip(hidden, intermediate, heads, layers, image, patch):
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        image_size=image,
+        patch_size=patch,
+        vision_use_head=False,
+    )
+
+
+def _qwen2(hidden, intermediate, heads, kv_heads, layers, vocab):
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+    )
+
+
+PRESETS = {
+    # llava_manager.tiny's widths; pinpoints up to 6x6 crops so that every image mode exists
+    "tiny": Preset(
+        vision=_siglip(32, 64, 4, 4, 32, 8),
+        text=_qwen2(64, 128, 4, 2, 4, 256),
+        image_token_id=254,
+        vision_layers=None,
+        images=IMAGE_MODES,
+        text_tokens=(8, 12),
+    ),
+    # LLaVA-OV-0.5B widths (SigLIP so400m, Qwen2-0.5B), half the depth: 6 of 13 SigLIP entries, LLM layers 0, 4, 8
+    "half-0.5b": Preset(
+        vision=_siglip(1152, 4304, 16, 13, 384, 14),
+        text=_qwen2(896, 4864, 14, 2, 12, 151936),
+        image_token_id=151646,
+        vision_layers=list(range(7, 13)),
+        images=("square", "anyres"),
+    ),
+    # LLaVA-OV-0.5B as released (26 SigLIP layers, 24 Qwen2 layers) with the paper's Managers: 13..25, 0, 4, ..., 20
+    "paper-0.5b": Preset(
+        vision=_siglip(1152, 4304, 16, 26, 384, 14),
+        text=_qwen2(896, 4864, 14, 2, 24, 151936),
+        image_token_id=151646,
+        vision_layers=None,
+        images=IMAGE_MODES,
+    ),
+}
+
+
+def build_config(preset: Preset):
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    crop = preset.vision["image_size"]
+    pinpoints = [[crop * rows, crop * cols] for rows in range(1, 7) for cols in range(1, 7)]  # LLaVA-OV's 1x1..6x6
+    return LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**preset.vision),
+        text_config=Qwen2Config(**preset.text),
+        image_token_index=preset.image_token_id,
+        video_token_index=preset.image_token_id + 1,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=True,
+    )
+
+
+def build_pair(preset: Preset, *, image_mode: str, injection: str, dtype, device, attn: str, seed: int):
+    """(vanilla, patched): two models sharing every weight tensor; Managers with random (non-zero) weights."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    config = build_config(preset)
+    config._attn_implementation = attn
+    generator = torch.Generator().manual_seed(seed)
+    with no_init_weights():
+        vanilla = LlavaOnevisionForConditionalGeneration(config)
+        patched = LlavaOnevisionForConditionalGeneration(config)
+    with torch.no_grad():  # N(0, 0.02) everywhere, norms at 1: what matters here is shapes, not values
+        for name, param in vanilla.named_parameters():
+            if param.dim() == 1 and "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    vanilla.tie_weights()
+    vanilla.to(device=device, dtype=dtype)
+    patched.load_state_dict(vanilla.state_dict(), assign=True)  # same storage, separate Parameter objects
+    patched.tie_weights()
+    patched.to(device=device, dtype=dtype)
+
+    square = image_mode == "square"
+    layout = ImageLayout(mode="square") if square else ImageLayout()
+    if square:  # transformers has no square mode: the baseline is the same layout without Managers
+        _patch(vanilla, None, layout)
+    patch_llava(patched, ManagerConfig(vision_layers=preset.vision_layers, injection=injection), layout=layout)
+    with torch.no_grad():  # trained-looking Managers (zero-initialised ones would compute the same, but be honest)
+        for param in patched.model.manager.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator).mul_(0.02).to(param))
+    return vanilla.eval(), patched.eval()
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+def image_size_of(mode: str, crop: int) -> tuple[int, int]:
+    """(height, width): square -> one crop; anyres -> a 2x2 grid; anyres_max_9 -> the largest grid (6x6, shrunk)."""
+    return {"square": (crop, crop), "anyres": (2 * crop, 2 * crop), "anyres_max_9": (6 * crop, 6 * crop)}[mode]
+
+
+def build_inputs(model, preset: Preset, image_mode: str, device, dtype, seed: int, full_logits: bool = False) -> dict:
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    config = model.config
+    crop = config.vision_config.image_size
+    height, width = image_size_of(image_mode, crop)
+    sizes = torch.tensor([[height, width]])
+    crops = 1 if image_mode == "square" else image_size_to_num_patches([height, width], config.image_grid_pinpoints, crop)
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(1, crops, 3, crop, crop, generator=generator).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        tokens = model.model.get_image_features(pixel_values, sizes).pooler_output[0].shape[0]
+    before, after = preset.text_tokens
+    vocab = config.text_config.vocab_size
+    text = torch.randint(0, min(vocab, config.image_token_id), (before + after,), generator=generator)
+    input_ids = torch.cat([text[:before], torch.full((tokens,), config.image_token_id), text[before:]])[None]
+    labels = input_ids.masked_fill(input_ids == config.image_token_id, -100)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": pixel_values,
+        "image_sizes": sizes.to(device),
+        "labels": labels.to(device),
+        "train_logits": 0 if full_logits else after,  # the loss on the text after the image (the answer)
+        "crops": crops,
+        "image_tokens": tokens,
+    }
+
+
+# ---- one step of each kind -----------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_inputs(inputs: dict) -> dict:
+    return {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+
+
+def prefill(model, inputs):
+    with torch.inference_mode():
+        return model(**_model_inputs(inputs), use_cache=True, logits_to_keep=1)
+
+
+def decode_step(model, inputs, cache, step: int):
+    token = inputs["input_ids"][:, -1:]
+    mask = torch.ones(1, inputs["input_ids"].shape[1] + step + 1, dtype=torch.long, device=token.device)
+    with torch.inference_mode():
+        return model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+def train_step(model, inputs):
+    model.train()
+    try:
+        keep = inputs["train_logits"]  # 0: logits (and loss) at every position, as HF does by default
+        labels = inputs["labels"] if keep == 0 else inputs["labels"][:, -keep:]
+        loss = model(**_model_inputs(inputs), labels=labels, logits_to_keep=keep, use_cache=False).loss
+        loss.backward()
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+
+
+def timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+# ---- memory and FLOPs ---------------------------------------------------------------------------------
+def weight_bytes(model) -> int:
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints start/stop lines on file descriptor 2; keep them out of the report."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_bytes(fn, device) -> int:
+    """Peak of live tensor bytes while `fn` runs, above what was live when it started."""
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict:
+    vanilla, patched = build_pair(
+        preset, image_mode=image_mode, injection=args.injection, dtype=dtype, device=device, attn=args.attn, seed=args.seed
+    )
+    inputs = build_inputs(vanilla, preset, image_mode, device, dtype, args.seed, full_logits=args.full_logits)
+    models = {"vanilla": vanilla, "patched": patched}
+    times: dict[str, dict[str, list[float]]] = {phase: {"vanilla": [], "patched": []} for phase in PHASES}
+    phases = [p for p in PHASES if p in args.phases]
+
+    for rep in range(args.warmup + args.repeats):
+        order = ["vanilla", "patched"] if rep % 2 == 0 else ["patched", "vanilla"]
+        measured = rep >= args.warmup
+        caches = {}
+        for phase in phases:
+            for name in order:
+                model = models[name]
+                if phase == "prefill" or (phase == "decode" and name not in caches):
+                    seconds = timed(lambda: caches.__setitem__(name, prefill(model, inputs).past_key_values), device)
+                    if phase == "prefill" and measured:
+                        times["prefill"][name].append(seconds)
+                if phase == "decode":
+                    steps = [
+                        timed(lambda s=step: decode_step(model, inputs, caches[name], s), device)
+                        for step in range(args.decode_steps)
+                    ]
+                    caches.pop(name)
+                    if measured:
+                        times["decode"][name].append(statistics.median(steps))
+                if phase == "train":
+                    seconds = timed(lambda: train_step(model, inputs), device)
+                    if measured:
+                        times["train"][name].append(seconds)
+        caches.clear()
+        if args.verbose:
+            last = {p: {n: round(v[-1], 4) for n, v in times[p].items() if v} for p in phases}
+            print(f"  [{image_mode}] rep {rep + 1}/{args.warmup + args.repeats}{'' if measured else ' (warm-up)'}: {last}", file=sys.stderr)
+
+    result = {
+        "image_mode": image_mode,
+        "image_size_hw": list(image_size_of(image_mode, vanilla.config.vision_config.image_size)),
+        "crops": inputs["crops"],
+        "image_tokens": inputs["image_tokens"],
+        "sequence_length": int(inputs["input_ids"].shape[1]),
+        "times_s": times,
+        "median_s": {p: {n: statistics.median(v) for n, v in times[p].items()} for p in phases},
+        # median over repetitions of patched / vanilla within the repetition (robust to slow drifts in load)
+        "paired_ratio": {
+            p: statistics.median(b / a for a, b in zip(times[p]["vanilla"], times[p]["patched"])) for p in phases
+        },
+    }
+    if args.memory:
+        weights = {name: weight_bytes(model) for name, model in models.items()}
+        result["weight_bytes"] = weights
+        peaks: dict[str, dict[str, int]] = {}
+        for phase in phases:
+            peaks[phase] = {}
+            for name, model in models.items():
+                if phase == "prefill":
+                    fn = lambda: prefill(model, inputs)  # noqa: E731
+                elif phase == "decode":
+                    cache = prefill(model, inputs).past_key_values
+                    fn = lambda: decode_step(model, inputs, cache, 0)  # noqa: E731
+                else:
+                    fn = lambda: train_step(model, inputs)  # noqa: E731
+                peaks[phase][name] = peak_bytes(fn, device)
+        result["step_peak_bytes"] = peaks
+        result["peak_bytes"] = {p: {n: weights[n] + b for n, b in v.items()} for p, v in peaks.items()}
+    if args.flops:
+        result["flops"] = {
+            phase: {name: flops(lambda: (prefill if phase == "prefill" else train_step)(model, inputs)) for name, model in models.items()}
+            for phase in ("prefill", "train")
+            if phase in phases
+        }
+    del vanilla, patched, models, inputs
+    gc.collect()
+    return result
+
+
+def _ratio(pair: dict) -> float:
+    return pair["patched"] / pair["vanilla"] if pair["vanilla"] else float("nan")
+
+
+def format_table(report: dict) -> str:
+    meta = report["meta"]
+    lines = [
+        f"preset {meta['preset']}, injection={meta['injection']}, {meta['dtype']} on {meta['device']}"
+        f" ({meta['threads']} threads), attn={meta['attn']}; median of {meta['repeats']} after {meta['warmup']} warm-up"
+        f"; torch {meta['torch']}, transformers {meta['transformers']}",
+        f"{'image':<20}{'measure':<22}{'vanilla':>12}{'patched':>12}{'ratio':>8}{'paired':>8}",
+    ]
+    units = {"prefill": ("prefill (s)", 1.0), "decode": ("decode step (ms)", 1e3), "train": ("train step (s)", 1.0)}
+    for result in report["results"]:
+        label = f"{result['image_mode']}"
+        detail = f"{result['crops']} crop{'s' if result['crops'] > 1 else ''}, {result['image_tokens']} tok"
+        rows = []
+        for phase, pair in result["median_s"].items():
+            name, scale = units[phase]
+            paired = f"{result['paired_ratio'][phase]:>8.3f}"
+            rows.append((name, pair["vanilla"] * scale, pair["patched"] * scale, _ratio(pair), "{:>12.3f}", paired))
+        for phase, pair in result.get("peak_bytes", {}).items():
+            rows.append((f"peak mem {phase} (MiB)", pair["vanilla"] / 2**20, pair["patched"] / 2**20, _ratio(pair), "{:>12.0f}", ""))
+        for phase, pair in result.get("flops", {}).items():
+            rows.append((f"GFLOP {phase}", pair["vanilla"] / 1e9, pair["patched"] / 1e9, _ratio(pair), "{:>12.1f}", ""))
+        for index, (name, vanilla, patched, ratio, fmt, paired) in enumerate(rows):
+            first = label if index == 0 else (detail if index == 1 else "")
+            lines.append(f"{first:<20}{name:<22}" + fmt.format(vanilla) + fmt.format(patched) + f"{ratio:>8.3f}" + paired)
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="half-0.5b")
+    parser.add_argument("--images", default=None, help=f"comma-separated image modes from {','.join(IMAGE_MODES)} (default: per preset)")
+    parser.add_argument("--injection", choices=("llm", "projector"), default="llm")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
+    parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation of both towers")
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of prefill,decode,train")
+    parser.add_argument("--repeats", type=int, default=5, help="measured repetitions (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions first")
+    parser.add_argument("--decode-steps", type=int, default=8, help="decode steps timed per repetition (median)")
+    parser.add_argument(
+        "--full-logits",
+        action="store_true",
+        help="train step: logits and loss at every position (HF's default; ~2.3 GB of fp32 logits per 3.7k tokens at "
+        "vocab 152k) instead of only the text after the image",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the full report (raw times) as JSON ('-': stdout)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every repetition to stderr")
+    args = parser.parse_args(argv)
+    args.images = tuple(args.images.split(",")) if args.images else PRESETS[args.preset].images
+    args.phases = tuple(args.phases.split(","))
+    for value, allowed, name in ((args.images, IMAGE_MODES, "--images"), (args.phases, PHASES, "--phases")):
+        unknown = [v for v in value if v not in allowed]
+        if unknown:
+            parser.error(f"{name}: unknown {unknown}; choose from {','.join(allowed)}")
+    if args.repeats < 1 or args.warmup < 0 or args.decode_steps < 1:
+        parser.error("--repeats and --decode-steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    dtype = getattr(torch, args.dtype)
+    preset = PRESETS[args.preset]
+    import transformers
+
+    report = {
+        "meta": {
+            "preset": args.preset,
+            "injection": args.injection,
+            "dtype": args.dtype,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+            "threads": torch.get_num_threads(),
+            "attn": args.attn,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "decode_steps": args.decode_steps,
+            "train_logits": "all positions" if args.full_logits else "text after the image",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "command": " ".join([os.path.basename(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)]),
+        },
+        "results": [],
+    }
+    for image_mode in args.images:
+        report["results"].append(run_image_mode(args, preset, image_mode, device, dtype))
+    for result in report["results"]:
+        result["ratios"] = {kind: {p: _ratio(pair) for p, pair in result.get(kind, {}).items()} for kind in ("median_s", "peak_bytes", "flops")}
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    else:
+        print(format_table(report))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(report, handle, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""`llava-manager chat MODEL --image PATH [--image ...] "question"`: ask a model about images, streaming the answer."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """examples:
+  llava-manager chat outputs/demo/manager --image outputs/demo/data/images/heldout-0000.png "What color is the shape?"
+  llava-manager chat LooperXX/LLaVA-OV-Manager --subfolder "Baseline + Grid + Manager" --image cat.jpg "What is this?"
+  llava-manager chat ./converted --image a.png --image b.png "What differs between the two images?"
+
+MODEL is anything llava_manager.from_pretrained loads: a folder in HF format (written by `llava-manager
+train`, `convert` or save_pretrained), an original-format LLaVA-OV(-Manager) folder (converted on the fly
+and cached), or a Hub repo id. Images go before the question, as LLaVA-OneVision was trained.
+"""
+
+
+def register(subparsers) -> None:
+    from ._common import add_debug_flag
+
+    parser = subparsers.add_parser(
+        "chat",
+        help="ask a LLaVA-OV(-Manager) model a question about images (streams the answer)",
+        description="Load a model (any format llava_manager.from_pretrained reads, or a Hub id) and answer one "
+        "question about the given images, printing the answer as it is generated.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="checkpoint folder or Hub repo id")
+    parser.add_argument("question", metavar="QUESTION", help="the question (quote it)")
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="PATH",
+        help="image file (PNG, JPEG, ...); repeat for several images; none = a text-only question",
+    )
+    parser.add_argument("--subfolder", default=None, help='folder inside MODEL, e.g. "Baseline + Grid + Manager"')
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default, reproducible); > 0 = sample at this temperature"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (with --temperature > 0)")
+    parser.add_argument("--no-stream", action="store_true", help="print the whole answer at the end instead of streaming")
+    add_debug_flag(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..chat import ask, load_images
+    from ..cli import CommandError
+    from ._common import check_model_argument, load_model, quiet_transformers
+
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens {args.max_new_tokens}: use 1 or more")
+    if args.temperature < 0:
+        raise CommandError(f"--temperature {args.temperature}: use 0 (greedy) or a positive number")
+    if "<image>" in args.question:
+        raise CommandError("leave <image> out of the question: pass each image with --image, they go first")
+    check_model_argument(args.model)
+    images = load_images(args.image)  # missing or unreadable images fail here, before the model loads
+    quiet_transformers(args.debug)
+    model, processor = load_model(args.model, args.subfolder, args.debug)
+    if args.seed is not None:
+        import transformers
+
+        transformers.set_seed(args.seed)
+    answer = ask(
+        model, processor, images, args.question,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, stream=not args.no_stream,
+    )
+    if args.no_stream:
+        print(answer)
+    return 0

@@ -1,0 +1,47 @@
+"""One training run of the demo, in its own process: `python -m llava_manager.demo.worker OVERRIDES_JSON PROGRESS_FILE`.
+
+It loads the shipped `tiny_cpu` recipe with the overrides (a JSON object of recipe keys) and calls the training
+entry point, `llava_manager.train.main.train`. After every logged step it appends `{"step", "loss"}` as a JSON
+line to PROGRESS_FILE, which the demo reads to show progress. A process of its own keeps what training changes
+(the torch.distributed group, DeepSpeed's state, environment variables, thread counts) out of the caller.
+Exit status: 0 done, 2 a recipe / data error (message on stderr), 1 anything else (traceback on stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m llava_manager.demo.worker OVERRIDES_JSON PROGRESS_FILE", file=sys.stderr)
+        return 2
+    overrides, progress_file = json.loads(argv[0]), Path(argv[1])
+
+    from transformers import TrainerCallback
+
+    from ..config import ManagerError
+    from ..train.main import train
+    from ..train.recipe import load_recipe
+
+    class ReportProgress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                with progress_file.open("a") as handle:
+                    handle.write(json.dumps({"step": state.global_step, "loss": float(logs["loss"])}) + "\n")
+
+    try:
+        result = train(load_recipe("tiny_cpu", overrides), callbacks=[ReportProgress()])
+    except ManagerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with progress_file.open("a") as handle:
+        handle.write(json.dumps({"done": str(result.output_dir)}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
