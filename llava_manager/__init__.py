@@ -6,6 +6,21 @@
 
 __version__ = "0.1.0"
 
+
+def _check_transformers_version() -> None:
+    import transformers
+    from packaging.version import Version
+
+    found = Version(transformers.__version__)
+    if not Version("5.6") <= found < Version("6"):
+        raise ImportError(
+            f"llava-manager needs transformers >=5.6,<6 (the flattened SigLIP and generate()'s mm_encoder_outputs); "
+            f"found {transformers.__version__}. Run: pip install 'transformers>=5.6,<6'"
+        )
+
+
+_check_transformers_version()
+
 from .config import ImageLayout, ManagerConfig, ManagerConfigError, ManagerError  # noqa: E402
 from .modeling import (  # noqa: E402  (registers the model type with the Auto classes)
     LlavaOnevisionManagerConfig,

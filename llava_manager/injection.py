@@ -112,6 +112,8 @@ class LLMInjection:
         if image_output is None and state.mm_encoder_outputs:
             image_output = state.mm_encoder_outputs.get("image")
         image_mask = self._image_token_mask(state, hidden)  # (B, L) bool
+        if image_output is None:  # no image features in this forward (e.g. a generated <image> id): plain tokens,
+            image_mask = torch.zeros_like(image_mask)  # as transformers treats them
         batch, seq_len = image_mask.shape
         has_images = bool(image_mask.any())
         if not has_images and _cache_length(state.past_key_values) > 0:

@@ -62,3 +62,13 @@ def test_managers_change_the_generated_distribution():
     managed = _model("static").generate(**batch, max_new_tokens=2, do_sample=False, output_logits=True,
                                         return_dict_in_generate=True)
     assert (managed.logits[0] - plain.logits[0]).abs().max() > 1e-3
+
+
+def test_a_generated_image_token_is_a_plain_token():
+    """An <image> id produced by generation has no features: transformers embeds it as text, and so do we."""
+    model, batch = _model("static"), single_image_batch()
+    image_token = model.config.image_token_id
+    with torch.no_grad():
+        model.lm_head.weight[image_token] += 100.0  # make the model emit <image>
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert (out[0, batch["input_ids"].shape[1]:] == image_token).all()
