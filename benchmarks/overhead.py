@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 import torch
 
 from llava_manager import ImageLayout, ManagerConfig, patch_llava
-from llava_manager.patch import _patch
 
 IMAGE_MODES = ("square", "anyres", "anyres_max_9")
 PHASES = ("prefill", "decode", "train")
@@ -154,7 +153,7 @@ def build_pair(preset: Preset, *, image_mode: str, injection: str, dtype, device
     square = image_mode == "square"
     layout = ImageLayout(mode="square") if square else ImageLayout()
     if square:  # transformers has no square mode: the baseline is the same layout without Managers
-        _patch(vanilla, None, layout)
+        patch_llava(vanilla, layout=layout, managers=False)
     patch_llava(patched, ManagerConfig(vision_layers=preset.vision_layers, injection=injection), layout=layout)
     with torch.no_grad():  # trained-looking Managers (zero-initialised ones would compute the same, but be honest)
         for param in patched.model.manager.parameters():

@@ -3,10 +3,13 @@
 `ImageFeatureComputer.__call__` stands in for `LlavaOnevisionModel.get_image_features` on a patched
 model (same signature, so `generate()` calls it before prefill exactly as it calls the original).
 It runs all crops of the batch through SigLIP in one call, captures only the selected layers,
-projects them with the model's own projector, and lays the main feature and the N layers out in
-one packing pass. The Manager features travel with the image features as `deepstack_features`
-(one `(tokens, N * D)` tensor per image): transformers' generation expands them for beam search and
-slices them for chunked prefill exactly like `pooler_output`.
+projects the main feature and (in one batched call) the N stacked layers with the model's own
+projector, packs the main feature like transformers, and lays the N layers out like it with one
+gather over the whole batch (packing.token_sources), straight into the token-major `(T, N, D)`
+layout the Managers read. The Manager features travel with the image features as
+`deepstack_features` (one `(tokens, N * D)` tensor per image, consecutive row blocks of that one
+tensor): transformers' generation expands them for beam search and slices them for chunked prefill
+exactly like `pooler_output`.
 """
 
 from __future__ import annotations
@@ -138,7 +141,8 @@ class ImageFeatureComputer:
 
     def _vision_residual(self, layer_stack: torch.Tensor, crops_per_image: list[int]) -> torch.Tensor:
         """injection="projector": zero-init residual in SigLIP space, on the managed crops. -> (crops, P, C)"""
-        layers = self.stack.embed_layers(layer_stack).transpose(1, 2)  # (crops, P, N, C)
+        # the stack is our own copy of the captured layers: add the layer embedding in place
+        layers = self.stack.embed_layers(layer_stack, inplace=True).transpose(1, 2)  # (crops, P, N, C)
         residual = self.stack.managers[0](layers)  # (crops, P, C)
         if self.config.grid != "all":
             managed = self._crop_is_managed(crops_per_image, residual.device)

@@ -24,19 +24,21 @@ def _jittered(weight: torch.Tensor, jitter: float, training: bool) -> torch.Tens
     return weight * noise
 
 
-_TOKEN_BLOCK = 256
+_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per block product
 
 
 def _weighted_sum_in_blocks(layers: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`(layers * weights).sum(-2)` for `(T, N, D)` layers without autograd, a block of tokens at a time.
+    """`(layers * weights).sum(-2)` for `(..., T, N, D)` layers without autograd, a block of tokens at a time.
 
-    The same products and the same sums per token, so the same bits; but the `(block, N, D)` product stays small
-    (in cache, and reused by the allocator) instead of a fresh `(T, N, D)` temporary.
+    The same products and the same sums per token, so the same bits; but the `(..., block, N, D)` product stays
+    small (in cache, and reused by the allocator) instead of a fresh temporary the size of `layers`.
     """
-    out = layers.new_empty(layers.shape[0], layers.shape[2])  # (T, D)
-    for start in range(0, layers.shape[0], _TOKEN_BLOCK):
-        block = layers[start : start + _TOKEN_BLOCK]
-        torch.sum(block * weights, dim=-2, out=out[start : start + _TOKEN_BLOCK])
+    *lead, tokens, num_layers, width = layers.shape
+    block = max(1, _BLOCK_ELEMENTS // (math.prod(lead) * num_layers * width))
+    out = layers.new_empty(*lead, tokens, width)  # (..., T, D)
+    for start in range(0, tokens, block):
+        part = layers[..., start : start + block, :, :]
+        torch.sum(part * weights, dim=-2, out=out[..., start : start + block, :])
     return out
 
 
@@ -80,7 +82,7 @@ class StaticManager(nn.Module):
         # features: (..., N, D) -> (..., D)
         weights = self.layer_weights().to(features.dtype)
         layers = features[..., : self.num_layers, :]
-        if features.dim() == 3 and not (torch.is_grad_enabled() and (layers.requires_grad or weights.requires_grad)):
+        if features.dim() >= 3 and not (torch.is_grad_enabled() and (layers.requires_grad or weights.requires_grad)):
             return _weighted_sum_in_blocks(layers, weights)
         return (layers * weights).sum(-2)
 

@@ -1,10 +1,11 @@
 """Lay per-crop features out as image tokens, exactly as LLaVA-OV does for its main feature.
 
-One function packs any channel width, so the main feature and the N Manager layers are folded
-into the channel axis and laid out in one pass (the bilinear `anyres_max` shrink is per channel,
-so folding is exact). Layout per image: base crop tokens (row-major), then the grid crops
-stitched, unpadded to the image's aspect ratio, shrunk under `anyres_max_K`, with a newline
-vector after every row. `square` mode: the base crop only, no newline.
+Layout per image: base crop tokens (row-major), then the grid crops stitched, unpadded to the
+image's aspect ratio, shrunk under `anyres_max_K`, with a newline vector after every row.
+`square` mode: the base crop only, no newline. `pack_image` packs any channel width (the
+bilinear shrink is per channel, so N Manager layers folded into channels pack exactly like the
+main feature). Without the shrink, packing only copies tokens: `token_sources` gives, per packed
+token, the crop row it copies, so the N layers can be laid out by one gather instead.
 """
 
 from __future__ import annotations
