@@ -13,6 +13,11 @@ sides alike. Measured per image mode:
   (CUDA: `max_memory_allocated`; CPU: the profiler's allocation events), measured once after the timings;
 - FLOPs of prefill and train step (`torch.utils.flop_counter`): the floor for the time ratio.
 
+On CPU with glibc the script restarts itself once with malloc tunables (`STEADY_MALLOC`: no mmap for large
+blocks, no trimming, transparent huge pages) unless `--system-malloc`. With glibc's defaults every large tensor
+is a fresh mmap and is page-faulted in on first touch, every step: on the 2-core VM that made a 73 MB
+elementwise op 5x slower and was the largest source of run-to-run noise, on both sides.
+
 Models are built from config with random weights (nothing is downloaded). Presets: `tiny` (seconds; what
 the test runs), `half-0.5b` (the real 0.5B widths with half the depth: minutes on 2 CPU cores) and
 `paper-0.5b` (the full LLaVA-OV-0.5B shapes and the paper's Managers; for a GPU).
@@ -40,6 +45,8 @@ from llava_manager import ImageLayout, ManagerConfig, patch_llava
 
 IMAGE_MODES = ("square", "anyres", "anyres_max_9")
 PHASES = ("prefill", "decode", "train")
+# glibc malloc: serve large blocks from the heap (no mmap per tensor), never give memory back, huge pages
+STEADY_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -345,6 +352,9 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
         "paired_ratio": {
             p: statistics.median(b / a for a, b in zip(times[p]["vanilla"], times[p]["patched"])) for p in phases
         },
+        "paired_range": {
+            p: [f(b / a for a, b in zip(times[p]["vanilla"], times[p]["patched"])) for f in (min, max)] for p in phases
+        },
     }
     if args.memory:
         weights = {name: weight_bytes(model) for name, model in models.items()}
@@ -383,8 +393,9 @@ def format_table(report: dict) -> str:
     lines = [
         f"preset {meta['preset']}, injection={meta['injection']}, {meta['dtype']} on {meta['device']}"
         f" ({meta['threads']} threads), attn={meta['attn']}; median of {meta['repeats']} after {meta['warmup']} warm-up"
-        f"; torch {meta['torch']}, transformers {meta['transformers']}",
-        f"{'image':<20}{'measure':<22}{'vanilla':>12}{'patched':>12}{'ratio':>8}{'paired':>8}",
+        f"; torch {meta['torch']}, transformers {meta['transformers']}; malloc: {meta['malloc']}",
+        "ratio: patched / vanilla of the medians; paired: median (and range) of patched / vanilla within a repetition",
+        f"{'image':<20}{'measure':<22}{'vanilla':>12}{'patched':>12}{'ratio':>8}{'paired':>8}  {'range':<13}",
     ]
     units = {"prefill": ("prefill (s)", 1.0), "decode": ("decode step (ms)", 1e3), "train": ("train step (s)", 1.0)}
     for result in report["results"]:
@@ -393,7 +404,8 @@ def format_table(report: dict) -> str:
         rows = []
         for phase, pair in result["median_s"].items():
             name, scale = units[phase]
-            paired = f"{result['paired_ratio'][phase]:>8.3f}"
+            low, high = result["paired_range"][phase]
+            paired = f"{result['paired_ratio'][phase]:>8.3f}  {low:.3f}-{high:.3f}"
             rows.append((name, pair["vanilla"] * scale, pair["patched"] * scale, _ratio(pair), "{:>12.3f}", paired))
         for phase, pair in result.get("peak_bytes", {}).items():
             rows.append((f"peak mem {phase} (MiB)", pair["vanilla"] / 2**20, pair["patched"] / 2**20, _ratio(pair), "{:>12.0f}", ""))
@@ -424,6 +436,11 @@ def parse_args(argv=None):
         "vocab 152k) instead of only the text after the image",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="CPU: keep glibc's default malloc settings (by default the script restarts itself with STEADY_MALLOC)",
+    )
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
     parser.add_argument("--seed", type=int, default=0)
@@ -441,11 +458,30 @@ def parse_args(argv=None):
     return args
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def restart_with_steady_malloc(args) -> None:
+    """CPU runs on glibc: re-run this script once with STEADY_MALLOC in GLIBC_TUNABLES (read at process start)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if args.system_malloc or resolve_device(args.device).type != "cpu" or platform.libc_ver()[0] != "glibc":
+        return
+    if STEADY_MALLOC in tunables:
+        return
+    env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, STEADY_MALLOC]))}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     preset = PRESETS[args.preset]
     import transformers
@@ -457,6 +493,7 @@ def main(argv=None) -> dict:
             "dtype": args.dtype,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
             "threads": torch.get_num_threads(),
+            "malloc": os.environ.get("GLIBC_TUNABLES") or "system default",
             "attn": args.attn,
             "repeats": args.repeats,
             "warmup": args.warmup,
@@ -484,4 +521,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    restart_with_steady_malloc(parse_args())
     main()

@@ -14,6 +14,7 @@ exactly like `pooler_output`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,19 @@ class ManagerImageOutput(BaseModelOutputWithPooling):
     """
 
     deepstack_features: list | None = None
+
+
+def _whole(parameter: torch.nn.Parameter | None):
+    """Context in which a ZeRO-3-partitioned `parameter` is whole.
+
+    ZeRO-3 gathers a module's own parameters only around its forward. `generate()` calls `get_image_features`
+    before (outside) the model's forward, so the bare `image_newline` would still be an empty shard there.
+    """
+    if parameter is None or parameter.numel() > 0 or not getattr(parameter, "ds_numel", 0):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([parameter], modifier_rank=None)
 
 
 class ImageFeatureComputer:
@@ -92,9 +106,10 @@ class ImageFeatureComputer:
             main = main[:, 1:]
         layer_stack = None
         if self.vision_layers:
-            layer_stack = torch.stack([captured[entry] for entry in self.vision_layers], dim=1)  # (crops, N, P, C)
+            # token-major: each token's N layers side by side, the layout the Managers read
+            layer_stack = torch.stack([captured[entry] for entry in self.vision_layers], dim=2)  # (crops, P, N, C)
             if select_strategy == "default":
-                layer_stack = layer_stack[:, :, 1:]
+                layer_stack = layer_stack[:, 1:]
         captured.clear()
 
         if layer_stack is not None and self.config.injection == "projector":
@@ -102,12 +117,13 @@ class ImageFeatureComputer:
             layer_stack = None
         main = model.multi_modal_projector(main)  # (crops, P, D)
         if layer_stack is not None:
-            # the projector's output is ours alone: add the layer embedding in place
-            layer_stack = self.stack.embed_layers(model.multi_modal_projector(layer_stack), inplace=True)  # (crops, N, P, D)
+            projected = model.multi_modal_projector(layer_stack)  # (crops, P, N, D)
+            layer_stack = self.stack.embed_layers(projected, reuse_input=True)  # the projector's output is ours alone
 
-        packed_main, packed_layers = self._pack(
-            main, layer_stack, crops_per_image, image_sizes, max_crops=max_crops, square=square
-        )
+        with _whole(None if square else model.image_newline):
+            packed_main, packed_layers = self._pack(
+                main, layer_stack, crops_per_image, image_sizes, max_crops=max_crops, square=square
+            )
         output = ManagerImageOutput(
             last_hidden_state=tower_output.last_hidden_state,
             pooler_output=packed_main,
@@ -141,8 +157,7 @@ class ImageFeatureComputer:
 
     def _vision_residual(self, layer_stack: torch.Tensor, crops_per_image: list[int]) -> torch.Tensor:
         """injection="projector": zero-init residual in SigLIP space, on the managed crops. -> (crops, P, C)"""
-        # the stack is our own copy of the captured layers: add the layer embedding in place
-        layers = self.stack.embed_layers(layer_stack, inplace=True).transpose(1, 2)  # (crops, P, N, C)
+        layers = self.stack.embed_layers(layer_stack, reuse_input=True)  # (crops, P, N, C); our own copy of the layers
         residual = self.stack.managers[0](layers)  # (crops, P, C)
         if self.config.grid != "all":
             managed = self._crop_is_managed(crops_per_image, residual.device)
@@ -150,7 +165,7 @@ class ImageFeatureComputer:
         return residual
 
     def _pack(self, main, layer_stack, crops_per_image, image_sizes, *, max_crops, square):
-        """Pack per image. main: (crops, P, D) -> [(T_i, D)]; layer_stack: (crops, N, P, D) -> [(T_i, N * D)] or None."""
+        """Pack per image. main: (crops, P, D) -> [(T_i, D)]; layer_stack: (crops, P, N, D) -> [(T_i, N * D)] or None."""
         config = self.llava_model.config
         newline = None if square else self.llava_model.image_newline
         sizes = [tuple(int(v) for v in (size.tolist() if torch.is_tensor(size) else size)) for size in image_sizes]
@@ -170,14 +185,14 @@ class ImageFeatureComputer:
         return packed_main, self._pack_layers(layer_stack, crops_per_image, sizes, newline, layout)
 
     def _pack_layers(self, layer_stack, crops_per_image, sizes, newline, layout) -> list[torch.Tensor]:
-        """(crops, N, P, D) -> per image (T_i, N * D), laid out like the main feature (newline rows: `image_newline` in
+        """(crops, P, N, D) -> per image (T_i, N * D), laid out like the main feature (newline rows: `image_newline` in
         every layer; rows outside the `grid` span: zero).
 
         Packing only copies tokens (unless the `anyres_max` shrink blends them), so all images of the batch are
         gathered in one indexing call, straight into the token-major layout the Managers read; the per-image outputs
         are consecutive row blocks of that one tensor.
         """
-        crops, num_layers, tokens, width = layer_stack.shape
+        crops, tokens, num_layers, width = layer_stack.shape
         sources = [
             token_sources(n, tokens, size, with_newline=newline is not None, **layout)
             for n, size in zip(crops_per_image, sizes)
@@ -190,7 +205,7 @@ class ImageFeatureComputer:
         rows = torch.cat([torch.where(s < 0, s, s + first) for s, first in zip(sources, first_rows)])  # (T,), -1: newline
         is_newline = rows < 0
         rows = rows.clamp(min=0).to(layer_stack.device)
-        features = layer_stack[rows // tokens, :, rows % tokens]  # (T, N, D)
+        features = layer_stack.reshape(crops * tokens, num_layers, width).index_select(0, rows)  # (T, N, D)
         if newline is not None:
             features[is_newline.to(features.device)] = newline.to(features.dtype)
         if self.config.grid != "all":
@@ -203,12 +218,12 @@ class ImageFeatureComputer:
 
     def _pack_layers_as_channels(self, layer_stack, crops_per_image, sizes, newline, layout) -> list[torch.Tensor]:
         """The bilinear-shrink case: each image's N layers folded into channels, packed like the main feature."""
-        crops, num_layers, tokens, width = layer_stack.shape
+        crops, tokens, num_layers, width = layer_stack.shape
         if newline is not None:
             newline = newline.to(layer_stack.dtype).repeat(num_layers)  # (N * D,)
         packed = []
         for features, size in zip(torch.split(layer_stack, crops_per_image, dim=0), sizes):
-            folded = features.transpose(1, 2).reshape(features.shape[0], tokens, num_layers * width)  # (crops_i, P, N * D)
+            folded = features.reshape(features.shape[0], tokens, num_layers * width)  # (crops_i, P, N * D)
             layers = pack_image(folded, size, newline=newline, **layout)  # (T_i, N * D)
             if self.config.grid != "all":
                 layers = layers * self._token_is_managed(layers.shape[0], tokens, layers)

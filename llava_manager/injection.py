@@ -138,9 +138,7 @@ class LLMInjection:
                 )
             features = features.view(-1, num_layers, width).to(hidden.device, hidden.dtype)  # (T, N, D)
         else:  # text-only forward: run every Manager on nothing (keeps ZeRO-3 ranks in step)
-            features = hidden.new_zeros(0, num_layers, width)
-            if self.stack.layer_embedding is not None:
-                features = features + self.stack.layer_embedding.weight.to(hidden.dtype)
+            features = self.stack.embed_layers(hidden.new_zeros(0, num_layers, width))  # through the module (ZeRO-3)
         token_sample = torch.div(positions, seq_len, rounding_mode="floor")
         query = self._query_plan(state, image_mask, hidden) if self.config.is_adaptive and has_images else None
         span = None
@@ -265,8 +263,8 @@ class ProjectorIdleRun:
         if hidden is None or self.features.last_output is not None or not (self.stack.training and torch.is_grad_enabled()):
             return None
         num_layers = len(self.stack.config.vision_layers)
-        nothing = hidden.new_zeros(0, num_layers, self.stack.managers[0].layer_scores.shape[1])
-        zero = self.stack.managers[0](self.stack.embed_layers(nothing[:, :, None, :]).squeeze(2)).sum()
+        nothing = hidden.new_zeros(0, num_layers, self.stack.managers[0].width)  # (0, N, C)
+        zero = self.stack.managers[0](self.stack.embed_layers(nothing)).sum()
         return args, {**kwargs, "inputs_embeds": hidden + zero.to(hidden.dtype)}
 
     def remove(self) -> None:

@@ -27,19 +27,72 @@ def _jittered(weight: torch.Tensor, jitter: float, training: bool) -> torch.Tens
 _BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per block product
 
 
-def _weighted_sum_in_blocks(layers: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`(layers * weights).sum(-2)` for `(..., T, N, D)` layers without autograd, a block of tokens at a time.
+def _token_block(features: torch.Tensor, used: int) -> int:
+    """Tokens per block so that one `(..., block, used, D)` product holds about `_BLOCK_ELEMENTS` elements."""
+    *lead, _tokens, _num_layers, width = features.shape
+    return max(1, _BLOCK_ELEMENTS // max(1, math.prod(lead) * used * width))
 
-    The same products and the same sums per token, so the same bits; but the `(..., block, N, D)` product stays
-    small (in cache, and reused by the allocator) instead of a fresh temporary the size of `layers`.
+
+def _blockwise_layer_sum(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`(features[..., :n, :] * weights).sum(-2)` (`n = len(weights)`) without autograd, a block of tokens at a time.
+
+    features: (..., T, N, D), weights: (n, D) -> (..., T, D). The same products and the same sums per token, so
+    the same bits; but each `(..., block, n, D)` product stays small (in cache, reused by the allocator) instead of
+    a fresh temporary the size of `features`.
     """
-    *lead, tokens, num_layers, width = layers.shape
-    block = max(1, _BLOCK_ELEMENTS // (math.prod(lead) * num_layers * width))
-    out = layers.new_empty(*lead, tokens, width)  # (..., T, D)
+    *lead, tokens, _num_layers, width = features.shape
+    used = weights.shape[0]
+    block = _token_block(features, used)
+    out = features.new_empty(*lead, tokens, width)  # (..., T, D)
     for start in range(0, tokens, block):
-        part = layers[..., start : start + block, :, :]
+        part = features[..., start : start + block, :used, :]
         torch.sum(part * weights, dim=-2, out=out[..., start : start + block, :])
     return out
+
+
+class _WeightedLayerSum(torch.autograd.Function):
+    """`_blockwise_layer_sum` with a backward that is blockwise too.
+
+    Autograd through the plain expression would keep a features-sized product alive in the forward, and in the
+    backward build a features-sized temporary for the weights' gradient plus a zero-padded copy when `n < N`.
+    Here the features' gradient is written once, in place, and the weights' gradient is summed block by block
+    (in float32).
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(features, weights)
+        return _blockwise_layer_sum(features, weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        features, weights = ctx.saved_tensors
+        used = weights.shape[0]
+        grad_features = grad_weights = None
+        grad_rows = grad_out.unsqueeze(-2)  # (..., T, 1, D)
+        if ctx.needs_input_grad[0]:
+            grad_features = features.new_empty(features.shape)  # (..., T, N, D)
+            torch.mul(grad_rows, weights, out=grad_features[..., :used, :])
+            grad_features[..., used:, :].zero_()  # layers this Manager does not read
+        if ctx.needs_input_grad[1]:
+            block = _token_block(features, used)
+            reduce_dims = tuple(range(features.dim() - 2))  # every dimension but (n, D)
+            grad_weights = torch.zeros(weights.shape, dtype=torch.float32, device=weights.device)
+            for start in range(0, features.shape[-3], block):
+                part = features[..., start : start + block, :used, :]
+                grad_weights += (grad_rows[..., start : start + block, :, :] * part).sum(reduce_dims, dtype=torch.float32)
+            grad_weights = grad_weights.to(weights.dtype)
+        return grad_features, grad_weights
+
+
+def weighted_layer_sum(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`(features[..., :n, :] * weights).sum(-2)`, `n = len(weights)`: features (..., T, N, D), weights (n, D)."""
+    if features.dim() < 3:  # a single token: nothing to block
+        return (features[..., : weights.shape[0], :] * weights).sum(-2)
+    if torch.is_grad_enabled() and (features.requires_grad or weights.requires_grad):
+        return _WeightedLayerSum.apply(features, weights)
+    return _blockwise_layer_sum(features, weights)
 
 
 class LayerEmbedding(nn.Module):
@@ -47,15 +100,19 @@ class LayerEmbedding(nn.Module):
 
     def __init__(self, num_layers: int, width: int):
         super().__init__()
+        self.num_layers, self.width = num_layers, width  # plain ints: ZeRO-3 empties partitioned parameters
         self.weight = nn.Parameter(torch.randn(num_layers, width) / math.sqrt(width))
 
-    def forward(self, layer_features: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        # layer_features: (crops, N, tokens, D) -> same shape
-        embedding = self.weight[:, None, :].to(layer_features.dtype)
-        return layer_features.add_(embedding) if inplace else layer_features + embedding
+    def forward(self, layer_features: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
+        # layer_features: (..., N, D) -> same shape
+        embedding = self.weight.to(layer_features.dtype)
+        recording = torch.is_grad_enabled() and (layer_features.requires_grad or embedding.requires_grad)
+        if reuse_input and not recording:  # inference: add in place (under autograd, in-place costs more backward)
+            return layer_features.add_(embedding)
+        return layer_features + embedding
 
     def extra_repr(self) -> str:
-        return f"num_layers={self.weight.shape[0]}, width={self.weight.shape[1]}"
+        return f"num_layers={self.num_layers}, width={self.width}"
 
 
 class StaticManager(nn.Module):
@@ -68,11 +125,8 @@ class StaticManager(nn.Module):
     def __init__(self, num_layers: int, width: int, jitter: float = 0.0):
         super().__init__()
         self.jitter = jitter
+        self.num_layers, self.width = num_layers, width  # plain ints: ZeRO-3 empties partitioned parameters
         self.layer_scores = nn.Parameter(torch.zeros(num_layers, width))
-
-    @property
-    def num_layers(self) -> int:
-        return self.layer_scores.shape[0]
 
     def layer_weights(self) -> torch.Tensor:
         """(num_layers, D) weights as used in this forward (jittered in training)."""
@@ -80,14 +134,10 @@ class StaticManager(nn.Module):
 
     def forward(self, features: torch.Tensor, **_context) -> torch.Tensor:
         # features: (..., N, D) -> (..., D)
-        weights = self.layer_weights().to(features.dtype)
-        layers = features[..., : self.num_layers, :]
-        if features.dim() >= 3 and not (torch.is_grad_enabled() and (layers.requires_grad or weights.requires_grad)):
-            return _weighted_sum_in_blocks(layers, weights)
-        return (layers * weights).sum(-2)
+        return weighted_layer_sum(features, self.layer_weights().to(features.dtype))
 
     def extra_repr(self) -> str:
-        return f"num_layers={self.num_layers}, width={self.layer_scores.shape[1]}, jitter={self.jitter}"
+        return f"num_layers={self.num_layers}, width={self.width}, jitter={self.jitter}"
 
 
 @dataclass
@@ -140,14 +190,11 @@ class AdaptiveManager(nn.Module):
         super().__init__()
         self.query = query
         self.jitter = jitter
+        self.num_layers, self.width = num_layers, width  # plain ints: ZeRO-3 empties partitioned parameters
         self.zero_gate = nn.Parameter(torch.zeros(num_layers, width))
         in_features = width if query is None else 2 * width
         self.linear_controller = nn.Linear(in_features, num_layers, bias=False)
         self.fusion_attention = CrossQuery(width) if query == "cross" else None
-
-    @property
-    def num_layers(self) -> int:
-        return self.zero_gate.shape[0]
 
     def layer_weights(self) -> torch.Tensor:
         return _jittered(self.zero_gate, self.jitter, self.training)
@@ -211,9 +258,12 @@ class ManagerStack(nn.Module):
                     managers.append(StaticManager(num_layers, width, config.jitter))
         self.managers = nn.ModuleList(managers)
 
-    def embed_layers(self, layer_features: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """Add the layer embedding (if any) to `(..., N, tokens, D)` features; `inplace` reuses their memory."""
-        return layer_features if self.layer_embedding is None else self.layer_embedding(layer_features, inplace=inplace)
+    def embed_layers(self, layer_features: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
+        """Add the layer embedding (if any) to `(..., N, D)` features. `reuse_input`: the caller owns
+        `layer_features`, so without autograd the sum may be written into them."""
+        if self.layer_embedding is None:
+            return layer_features
+        return self.layer_embedding(layer_features, reuse_input=reuse_input)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -229,4 +279,4 @@ class ManagerStack(nn.Module):
             elif isinstance(module, AdaptiveManager):
                 module.zero_gate.zero_()
             elif isinstance(module, LayerEmbedding):
-                module.weight.normal_(0.0, 1 / math.sqrt(module.weight.shape[1]))
+                module.weight.normal_(0.0, 1 / math.sqrt(module.width))

@@ -85,7 +85,7 @@ class LlavaOnevisionManagerForConditionalGeneration(LlavaOnevisionForConditional
         elif isinstance(module, AdaptiveManager):
             init.zeros_(module.zero_gate)
         elif isinstance(module, LayerEmbedding):
-            init.normal_(module.weight, mean=0.0, std=1 / math.sqrt(module.weight.shape[1]))
+            init.normal_(module.weight, mean=0.0, std=1 / math.sqrt(module.width))
         elif isinstance(module, CrossQuery):
             pass  # its Linear layers are initialised by the base class
 

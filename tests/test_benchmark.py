@@ -42,3 +42,17 @@ def test_projector_injection_and_phase_selection(tmp_path, injection):
     (result,) = report["results"]
     assert report["meta"]["injection"] == injection
     assert list(result["median_s"]) == ["prefill"] and len(result["times_s"]["prefill"]["patched"]) == 2
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc malloc tunables")
+@pytest.mark.parametrize("system_malloc", [False, True], ids=["steady-malloc", "system-malloc"])
+def test_cpu_run_restarts_with_steady_malloc(tmp_path, monkeypatch, system_malloc):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    flags = ["--system-malloc"] if system_malloc else []
+    _, report = _run(
+        tmp_path, "--images", "square", "--phases", "decode", "--repeats", "1", "--warmup", "0",
+        "--decode-steps", "1", "--no-memory", "--no-flops", *flags,
+    )
+    steady = "glibc.malloc.mmap_max=0" in report["meta"]["malloc"]
+    assert steady is not system_malloc, report["meta"]["malloc"]
+    assert len(report["results"][0]["paired_range"]["decode"]) == 2
