@@ -14,7 +14,7 @@ sides alike. Measured per image mode:
 - FLOPs of prefill and train step (`torch.utils.flop_counter`): the floor for the time ratio.
 
 On CPU with glibc the script restarts itself once with malloc tunables (`STEADY_MALLOC`: no mmap for large
-blocks, no trimming, transparent huge pages) unless `--system-malloc`. With glibc's defaults every large tensor
+blocks, no trimming) unless `--system-malloc`. With glibc's defaults every large tensor
 is a fresh mmap and is page-faulted in on first touch, every step: on the 2-core VM that made a 73 MB
 elementwise op 5x slower and was the largest source of run-to-run noise, on both sides.
 
@@ -45,8 +45,8 @@ from llava_manager import ImageLayout, ManagerConfig, patch_llava
 
 IMAGE_MODES = ("square", "anyres", "anyres_max_9")
 PHASES = ("prefill", "decode", "train")
-# glibc malloc: serve large blocks from the heap (no mmap per tensor), never give memory back, huge pages
-STEADY_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"
+# glibc malloc: serve large blocks from the heap (no mmap per tensor) and never give memory back
+STEADY_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -312,11 +312,14 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
     times: dict[str, dict[str, list[float]]] = {phase: {"vanilla": [], "patched": []} for phase in PHASES}
     phases = [p for p in PHASES if p in args.phases]
 
-    for rep in range(args.warmup + args.repeats):
+    total = args.warmup + max(args.repeats, args.train_repeats if "train" in phases else 0)
+    for rep in range(total):
         order = ["vanilla", "patched"] if rep % 2 == 0 else ["patched", "vanilla"]
         measured = rep >= args.warmup
         caches = {}
         for phase in phases:
+            if rep >= args.warmup + (args.train_repeats if phase == "train" else args.repeats):
+                continue  # this phase has all its repetitions
             for name in order:
                 model = models[name]
                 if phase == "prefill" or (phase == "decode" and name not in caches):
@@ -338,7 +341,7 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
         caches.clear()
         if args.verbose:
             last = {p: {n: round(v[-1], 4) for n, v in times[p].items() if v} for p in phases}
-            print(f"  [{image_mode}] rep {rep + 1}/{args.warmup + args.repeats}{'' if measured else ' (warm-up)'}: {last}", file=sys.stderr)
+            print(f"  [{image_mode}] rep {rep + 1}/{total}{'' if measured else ' (warm-up)'}: {last}", file=sys.stderr)
 
     result = {
         "image_mode": image_mode,
@@ -392,7 +395,8 @@ def format_table(report: dict) -> str:
     meta = report["meta"]
     lines = [
         f"preset {meta['preset']}, injection={meta['injection']}, {meta['dtype']} on {meta['device']}"
-        f" ({meta['threads']} threads), attn={meta['attn']}; median of {meta['repeats']} after {meta['warmup']} warm-up"
+        f" ({meta['threads']} threads), attn={meta['attn']}; median of {meta['repeats']} (train: {meta['train_repeats']})"
+        f" after {meta['warmup']} warm-up"
         f"; torch {meta['torch']}, transformers {meta['transformers']}; malloc: {meta['malloc']}",
         "ratio: patched / vanilla of the medians; paired: median (and range) of patched / vanilla within a repetition",
         f"{'image':<20}{'measure':<22}{'vanilla':>12}{'patched':>12}{'ratio':>8}{'paired':>8}  {'range':<13}",
@@ -427,6 +431,9 @@ def parse_args(argv=None):
     parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation of both towers")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of prefill,decode,train")
     parser.add_argument("--repeats", type=int, default=5, help="measured repetitions (median reported)")
+    parser.add_argument(
+        "--train-repeats", type=int, default=None, help="measured repetitions of the (slow) train step (default: --repeats)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions first")
     parser.add_argument("--decode-steps", type=int, default=8, help="decode steps timed per repetition (median)")
     parser.add_argument(
@@ -453,8 +460,9 @@ def parse_args(argv=None):
         unknown = [v for v in value if v not in allowed]
         if unknown:
             parser.error(f"{name}: unknown {unknown}; choose from {','.join(allowed)}")
-    if args.repeats < 1 or args.warmup < 0 or args.decode_steps < 1:
-        parser.error("--repeats and --decode-steps must be >= 1, --warmup >= 0")
+    args.train_repeats = args.repeats if args.train_repeats is None else args.train_repeats
+    if args.repeats < 1 or args.train_repeats < 1 or args.warmup < 0 or args.decode_steps < 1:
+        parser.error("--repeats, --train-repeats and --decode-steps must be >= 1, --warmup >= 0")
     return args
 
 
@@ -496,6 +504,7 @@ def main(argv=None) -> dict:
             "malloc": os.environ.get("GLIBC_TUNABLES") or "system default",
             "attn": args.attn,
             "repeats": args.repeats,
+            "train_repeats": args.train_repeats,
             "warmup": args.warmup,
             "decode_steps": args.decode_steps,
             "train_logits": "all positions" if args.full_logits else "text after the image",

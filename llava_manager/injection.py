@@ -19,7 +19,25 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import ManagerError
 from .managers import AdaptiveManager, ManagerStack, QueryContext
+
+_ADAPTIVE_NEEDS_WHOLE_PROMPT = (
+    "adaptive Managers read the whole instruction around the image in the forward that holds the image, so the "
+    "prompt cannot be split: image tokens arrived after a filled KV cache (chunked prefill, or a cache reused "
+    "across turns). Generate with prefill_chunk_size=None and pass the whole conversation without "
+    "past_key_values, or use static Managers."
+)
+
+
+def check_prefill_chunking(model, prefill_chunk_size) -> None:
+    """Raise `ManagerError` before `generate()` starts when adaptive Managers would be fed a chunked prefill."""
+    manager = getattr(model.config, "manager", None) or {}
+    if prefill_chunk_size is not None and str(manager.get("manager_type", "static")).startswith("adaptive"):
+        raise ManagerError(
+            f"prefill_chunk_size={prefill_chunk_size} with {manager['manager_type']} Managers: "
+            + _ADAPTIVE_NEEDS_WHOLE_PROMPT
+        )
 
 
 @dataclass
@@ -119,6 +137,9 @@ class LLMInjection:
         if not has_images and _cache_length(state.past_key_values) > 0:
             state.plan = None  # a decode step: no Manager work at all
             return None
+
+        if has_images and self.config.is_adaptive and _cache_length(state.past_key_values) > 0:
+            raise ManagerError(_ADAPTIVE_NEEDS_WHOLE_PROMPT)
 
         positions = image_mask.reshape(-1).nonzero().squeeze(-1)  # (T,)
         num_layers = len(self.config.vision_layers)

@@ -75,6 +75,15 @@ class LlavaOnevisionManagerForConditionalGeneration(LlavaOnevisionForConditional
             )
         return (model, info) if want_info else model
 
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, refusing what the adaptive Managers cannot do (chunked prefill)."""
+        from .injection import check_prefill_chunking
+
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        chunk_size = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
+        check_prefill_chunking(self, chunk_size)
+        return super().generate(*args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -37,6 +37,19 @@ except Exception:  # pragma: no cover - deepspeed is a hard dependency, but keep
 
 
 @pytest.fixture(autouse=True)
+def _restore_process_state():
+    """In-process training sets ACCELERATE_* / distributed variables and torch's thread count (recipe cpu_threads);
+    give every test the environment and threads the session started with, whatever ran before it."""
+    saved_env = dict(os.environ)
+    threads = torch.get_num_threads()
+    yield
+    for key in set(os.environ) - set(saved_env):
+        del os.environ[key]
+    os.environ.update(saved_env)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _reset_hf_deepspeed_config():
     """A TrainingArguments(deepspeed=stage3) makes every later from_pretrained run under zero.Init."""
     yield

@@ -22,7 +22,7 @@ def _run(tmp_path, *args):
 
 
 def test_tiny_preset_reports_every_ratio(tmp_path):
-    stdout, report = _run(tmp_path, "--repeats", "1", "--warmup", "0", "--decode-steps", "2")
+    stdout, report = _run(tmp_path, "--repeats", "2", "--train-repeats", "1", "--warmup", "0", "--decode-steps", "2")
     assert [r["image_mode"] for r in report["results"]] == ["square", "anyres", "anyres_max_9"]
     for result in report["results"]:
         for kind, phases in (("median_s", "prefill decode train"), ("peak_bytes", "prefill decode train"), ("flops", "prefill train")):
@@ -30,6 +30,7 @@ def test_tiny_preset_reports_every_ratio(tmp_path):
             assert sorted(ratios) == sorted(phases.split()), (kind, ratios)
             assert all(math.isfinite(value) and value > 0 for value in ratios.values()), (kind, ratios)
         assert result["ratios"]["flops"]["prefill"] > 1.0  # the Managers' projector work is really there
+        assert [len(result["times_s"][p]["patched"]) for p in ("prefill", "decode", "train")] == [2, 2, 1]
     assert "prefill (s)" in stdout and "peak mem train (MiB)" in stdout
 
 

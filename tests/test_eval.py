@@ -167,6 +167,8 @@ def _clean_env() -> dict:
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by conftest for DeepSpeed
         env.pop(key, None)
+    for key in [k for k in env if k.startswith("ACCELERATE_")]:  # left by an in-process training run
+        env.pop(key)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env

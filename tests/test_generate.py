@@ -72,3 +72,48 @@ def test_a_generated_image_token_is_a_plain_token():
         model.lm_head.weight[image_token] += 100.0  # make the model emit <image>
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert (out[0, batch["input_ids"].shape[1]:] == image_token).all()
+
+
+def _pre_encoded(model, batch):
+    """Chunked prefill needs the image encoded up front (transformers cannot split pixel_values)."""
+    with torch.no_grad():
+        features = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"])
+    inputs = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_sizes")}
+    return inputs, {"image": features}
+
+
+def test_chunked_prefill_with_static_managers_matches_one_prefill():
+    model, batch = _model("static"), single_image_batch()
+    whole = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    inputs, encoded = _pre_encoded(model, batch)
+    assert inputs["input_ids"].shape[1] > 2 * 7  # several chunks, the image split across them
+    chunked = model.generate(
+        **inputs, mm_encoder_outputs=encoded, prefill_chunk_size=7, max_new_tokens=4, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    assert torch.equal(chunked.sequences, whole.sequences)
+    torch.testing.assert_close(chunked.logits[0], whole.logits[0], atol=1e-5, rtol=0)
+
+
+def test_adaptive_managers_refuse_chunked_prefill():
+    from llava_manager import ManagerError
+
+    model, batch = _model("adaptive_average"), single_image_batch()
+    inputs, encoded = _pre_encoded(model, batch)
+    with pytest.raises(ManagerError, match="prefill_chunk_size=7"):
+        model.generate(**inputs, mm_encoder_outputs=encoded, prefill_chunk_size=7, max_new_tokens=2)
+
+
+def test_adaptive_managers_refuse_image_tokens_after_a_filled_cache():
+    from llava_manager import ManagerError
+
+    model, batch = _model("adaptive_average"), single_image_batch()
+    first_image = int((batch["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    with torch.no_grad():
+        head = model(input_ids=batch["input_ids"][:, :first_image], use_cache=True)
+        with pytest.raises(ManagerError, match="filled KV cache"):
+            model(
+                input_ids=batch["input_ids"][:, first_image:], pixel_values=batch["pixel_values"],
+                image_sizes=batch["image_sizes"], attention_mask=batch["attention_mask"],
+                past_key_values=head.past_key_values, use_cache=True,
+            )
