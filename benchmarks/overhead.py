@@ -340,7 +340,8 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
                         times["train"][name].append(seconds)
         caches.clear()
         if args.verbose:
-            last = {p: {n: round(v[-1], 4) for n, v in times[p].items() if v} for p in phases}
+            ran = [p for p in phases if rep < args.warmup + (args.train_repeats if p == "train" else args.repeats)]
+            last = {p: {n: round(v[-1], 4) for n, v in times[p].items() if v and measured} for p in ran}
             print(f"  [{image_mode}] rep {rep + 1}/{total}{'' if measured else ' (warm-up)'}: {last}", file=sys.stderr)
 
     result = {
