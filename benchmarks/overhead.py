@@ -14,7 +14,7 @@ sides alike. Measured per image mode:
 - FLOPs of prefill and train step (`torch.utils.flop_counter`): the floor for the time ratio.
 
 On CPU with glibc the script restarts itself once with malloc tunables (`STEADY_MALLOC`: no mmap for large
-blocks, no trimming) unless `--system-malloc`. With glibc's defaults every large tensor
+blocks up to 1 GiB, no trimming) unless `--system-malloc`. With glibc's defaults every large tensor
 is a fresh mmap and is page-faulted in on first touch, every step: on the 2-core VM that made a 73 MB
 elementwise op 5x slower and was the largest source of run-to-run noise, on both sides.
 
@@ -45,8 +45,9 @@ from llava_manager import ImageLayout, ManagerConfig, patch_llava
 
 IMAGE_MODES = ("square", "anyres", "anyres_max_9")
 PHASES = ("prefill", "decode", "train")
-# glibc malloc: serve large blocks from the heap (no mmap per tensor) and never give memory back
-STEADY_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+# glibc malloc: blocks up to 1 GiB from the heap (no mmap per tensor), never trimmed; larger ones still mmap'ed
+# (with no mmap at all, multi-GB blocks such as --full-logits' logits fragment the heap until memory runs out)
+STEADY_MALLOC = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=68719476736"
 
 
 # ---- models ---------------------------------------------------------------------------------------------
