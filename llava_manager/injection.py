@@ -32,10 +32,10 @@ _ADAPTIVE_NEEDS_WHOLE_PROMPT = (
 
 def check_prefill_chunking(model, prefill_chunk_size) -> None:
     """Raise `ManagerError` before `generate()` starts when adaptive Managers would be fed a chunked prefill."""
-    manager = getattr(model.config, "manager", None) or {}
-    if prefill_chunk_size is not None and str(manager.get("manager_type", "static")).startswith("adaptive"):
+    stack = getattr(model.model, "manager", None)
+    if prefill_chunk_size is not None and stack is not None and stack.config.is_adaptive:
         raise ManagerError(
-            f"prefill_chunk_size={prefill_chunk_size} with {manager['manager_type']} Managers: "
+            f"prefill_chunk_size={prefill_chunk_size} with {stack.config.manager_type} Managers: "
             + _ADAPTIVE_NEEDS_WHOLE_PROMPT
         )
 
