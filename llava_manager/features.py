@@ -3,10 +3,10 @@
 `ImageFeatureComputer.__call__` stands in for `LlavaOnevisionModel.get_image_features` on a patched
 model (same signature, so `generate()` calls it before prefill exactly as it calls the original).
 It runs all crops of the batch through SigLIP in one call, captures only the selected layers,
-projects the main feature and (in one batched call) the N stacked layers with the model's own
-projector, packs the main feature like transformers, and lays the N layers out like it with one
-gather over the whole batch (packing.token_sources), straight into the token-major `(T, N, D)`
-layout the Managers read. The Manager features travel with the image features as
+projects the main feature and packs it like transformers, and lays the N stacked layers out like
+it with one gather over the whole batch (packing.token_sources) *before* projecting them (in one
+batched call with the model's own projector): only the rows the layout keeps are projected, straight
+into the token-major `(T, N, D)` layout the Managers read. The Manager features travel with the image features as
 `deepstack_features` (one `(tokens, N * D)` tensor per image, consecutive row blocks of that one
 tensor): transformers' generation expands them for beam search and slices them for chunked prefill
 exactly like `pooler_output`.
@@ -90,7 +90,6 @@ class ImageFeatureComputer:
             )
         square = self.layout.mode == "square"
         max_crops = None if square else parse_max_crops(vision_aspect_ratio or config.vision_aspect_ratio)
-        crop_pixels = config.vision_config.image_size
 
         crops_per_image = self._crops_per_image(image_sizes, batch_num_images, square)
         if pixel_values.dim() == 5:  # (images, max_crops, 3, H, W), padded per image
@@ -116,10 +115,7 @@ class ImageFeatureComputer:
             main = main + self._vision_residual(layer_stack, crops_per_image)
             layer_stack = None
         main = model.multi_modal_projector(main)  # (crops, P, D)
-        if layer_stack is not None:
-            projected = model.multi_modal_projector(layer_stack)  # (crops, P, N, D)
-            layer_stack = self.stack.embed_layers(projected, reuse_input=True)  # the projector's output is ours alone
-
+        # the N layers stay in SigLIP space here: _pack_layers projects only the rows the layout keeps
         with _whole(None if square else model.image_newline):
             packed_main, packed_layers = self._pack(
                 main, layer_stack, crops_per_image, image_sizes, max_crops=max_crops, square=square
@@ -165,7 +161,8 @@ class ImageFeatureComputer:
         return residual
 
     def _pack(self, main, layer_stack, crops_per_image, image_sizes, *, max_crops, square):
-        """Pack per image. main: (crops, P, D) -> [(T_i, D)]; layer_stack: (crops, P, N, D) -> [(T_i, N * D)] or None."""
+        """Pack per image. main: (crops, P, D) projected -> [(T_i, D)]; layer_stack: (crops, P, N, C) in SigLIP
+        space -> [(T_i, N * D)] projected, or None."""
         config = self.llava_model.config
         newline = None if square else self.llava_model.image_newline
         sizes = [tuple(int(v) for v in (size.tolist() if torch.is_tensor(size) else size)) for size in image_sizes]
@@ -184,40 +181,62 @@ class ImageFeatureComputer:
             return packed_main, None
         return packed_main, self._pack_layers(layer_stack, crops_per_image, sizes, newline, layout)
 
-    def _pack_layers(self, layer_stack, crops_per_image, sizes, newline, layout) -> list[torch.Tensor]:
-        """(crops, P, N, D) -> per image (T_i, N * D), laid out like the main feature (newline rows: `image_newline` in
-        every layer; rows outside the `grid` span: zero).
+    def _project_layers(self, layer_features: torch.Tensor) -> torch.Tensor:
+        """(..., N, C) SigLIP features -> (..., N, D): the model's own projector, then the layer embedding."""
+        projected = self.llava_model.multi_modal_projector(layer_features)
+        return self.stack.embed_layers(projected, reuse_input=True)  # the projector's output is ours alone
 
-        Packing only copies tokens (unless the `anyres_max` shrink blends them), so all images of the batch are
-        gathered in one indexing call, straight into the token-major layout the Managers read; the per-image outputs
-        are consecutive row blocks of that one tensor.
+    def _pack_layers(self, layer_stack, crops_per_image, sizes, newline, layout) -> list[torch.Tensor]:
+        """(crops, P, N, C) SigLIP features -> per image (T_i, N * D) projected features laid out like the main
+        feature (newline rows: `image_newline` in every layer; rows outside the `grid` span: zero).
+
+        Unless the `anyres_max` shrink blends tokens, packing only copies them and the projector works token by
+        token, so the rows the layout keeps are gathered first and only they are projected: the padding that
+        unpadding drops (and, for `grid="base"|"grid"`, every token outside the span) costs no projector work. The
+        gather is one indexing call over the whole batch, straight into the token-major layout the Managers read; the
+        per-image outputs are consecutive row blocks of one tensor.
         """
-        crops, tokens, num_layers, width = layer_stack.shape
+        crops, tokens, num_layers, _width = layer_stack.shape
         sources = [
             token_sources(n, tokens, size, with_newline=newline is not None, **layout)
             for n, size in zip(crops_per_image, sizes)
         ]
         if any(source is None for source in sources):
-            return self._pack_layers_as_channels(layer_stack, crops_per_image, sizes, newline, layout)
+            projected = self._project_layers(layer_stack)  # (crops, P, N, D)
+            return self._pack_layers_as_channels(projected, crops_per_image, sizes, newline, layout)
         first_rows = [0]
         for n in crops_per_image[:-1]:
             first_rows.append(first_rows[-1] + n * tokens)
         rows = torch.cat([torch.where(s < 0, s, s + first) for s, first in zip(sources, first_rows)])  # (T,), -1: newline
         is_newline = rows < 0
-        rows = rows.clamp(min=0).to(layer_stack.device)
-        features = layer_stack.reshape(crops * tokens, num_layers, width).index_select(0, rows)  # (T, N, D)
-        if newline is not None:
-            features[is_newline.to(features.device)] = newline.to(features.dtype)
-        if self.config.grid != "all":
+        if self.config.grid == "all":
+            managed = torch.ones_like(is_newline)
+        else:
             position = torch.cat([torch.arange(s.shape[0]) for s in sources])  # index of each token within its image
-            is_base = position < tokens
-            managed = is_base if self.config.grid == "base" else ~is_base
-            features[~managed.to(features.device)] = 0
-        features = features.view(-1, num_layers * width)  # (T, N * D)
+            managed = position < tokens if self.config.grid == "base" else position >= tokens  # base tokens come first
+
+        device = layer_stack.device
+        crop_rows = layer_stack.reshape(crops * tokens, num_layers, layer_stack.shape[-1])  # (crops * P, N, C)
+        if self.config.grid == "all":
+            if not is_newline.any() and torch.equal(rows, torch.arange(crops * tokens)):
+                selected = crop_rows  # one crop per image, no newline (square): the layout is the crops themselves
+            else:  # a newline row projects a stand-in row (cheaper than a scatter afterwards) and is overwritten below
+                selected = crop_rows.index_select(0, rows.clamp(min=0).to(device))  # (T, N, C)
+            features = self._project_layers(selected)  # (T, N, D)
+        else:
+            keep = managed & ~is_newline
+            projected = self._project_layers(crop_rows.index_select(0, rows[keep].to(device)))  # (T_kept, N, D)
+            features = projected.new_zeros(rows.shape[0], num_layers, projected.shape[-1])
+            features = features.index_copy(0, keep.nonzero().squeeze(1).to(device), projected)  # (T, N, D)
+        if newline is not None:
+            newline_rows = (is_newline & managed).to(device)
+            features[newline_rows] = newline.to(features.dtype)
+        features = features.view(-1, num_layers * features.shape[-1])  # (T, N * D)
         return list(features.split([s.shape[0] for s in sources], dim=0))
 
     def _pack_layers_as_channels(self, layer_stack, crops_per_image, sizes, newline, layout) -> list[torch.Tensor]:
-        """The bilinear-shrink case: each image's N layers folded into channels, packed like the main feature."""
+        """The bilinear-shrink case: each image's N projected layers `(crops, P, N, D)` folded into channels, packed
+        like the main feature."""
         crops, tokens, num_layers, width = layer_stack.shape
         if newline is not None:
             newline = newline.to(layer_stack.dtype).repeat(num_layers)  # (N * D,)

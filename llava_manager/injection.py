@@ -25,8 +25,8 @@ from .managers import AdaptiveManager, ManagerStack, QueryContext
 _ADAPTIVE_NEEDS_WHOLE_PROMPT = (
     "adaptive Managers read the whole instruction around the image in the forward that holds the image, so the "
     "prompt cannot be split: image tokens arrived after a filled KV cache (chunked prefill, or a cache reused "
-    "across turns). Generate with prefill_chunk_size=None and pass the whole conversation without "
-    "past_key_values, or use static Managers."
+    "across turns). Generate with prefill_chunk_size=None and pass the whole conversation without a KV "
+    "cache (cache= / past_key_values=), or use static Managers."
 )
 
 
@@ -46,7 +46,7 @@ class _ForwardState:
     inputs_embeds: torch.Tensor | None
     attention_mask: torch.Tensor | None
     mm_encoder_outputs: dict | None
-    past_key_values: object | None
+    cache: object | None  # the KV cache given to this forward, if any
     plan: InjectionPlan | None = None
 
 
@@ -108,7 +108,7 @@ class LLMInjection:
             inputs_embeds=kwargs.get("inputs_embeds"),
             attention_mask=kwargs.get("attention_mask"),
             mm_encoder_outputs=kwargs.get("mm_encoder_outputs"),
-            past_key_values=kwargs.get("past_key_values"),
+            cache=_cache_argument(kwargs),
         )
         self.features.last_output = None
         self._tokens.append(self._state.set(state))
@@ -134,11 +134,11 @@ class LLMInjection:
             image_mask = torch.zeros_like(image_mask)  # as transformers treats them
         batch, seq_len = image_mask.shape
         has_images = bool(image_mask.any())
-        if not has_images and _cache_length(state.past_key_values) > 0:
+        if not has_images and _cache_length(state.cache) > 0:
             state.plan = None  # a decode step: no Manager work at all
             return None
 
-        if has_images and self.config.is_adaptive and _cache_length(state.past_key_values) > 0:
+        if has_images and self.config.is_adaptive and _cache_length(state.cache) > 0:
             raise ManagerError(_ADAPTIVE_NEEDS_WHOLE_PROMPT)
 
         positions = image_mask.reshape(-1).nonzero().squeeze(-1)  # (T,)
@@ -352,10 +352,16 @@ def _join_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _cache_length(past_key_values) -> int:
-    if past_key_values is None:
+def _cache_argument(kwargs: dict):
+    """The KV cache a forward was called with: `cache=` (transformers >= 5.24) or `past_key_values=` (before)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _cache_length(cache) -> int:
+    if cache is None:
         return 0
-    get_length = getattr(past_key_values, "get_seq_length", None)
+    get_length = getattr(cache, "get_seq_length", None)
     if get_length is not None:
         try:
             return int(get_length())

@@ -77,3 +77,23 @@ def hf_inputs(case: OracleCase, image_token_id: int, pad_id: int = 124) -> dict:
 def max_logit_diff(case: OracleCase, logits: torch.Tensor) -> float:
     reference = case.outputs["logits"]
     return (logits[case.valid] - reference[case.valid]).abs().max().item()
+
+
+def case_logits(case: OracleCase, attn_implementation: str) -> torch.Tensor:
+    """Our logits for `case`, through `load_original` (adaptive cases need the `<|im_start|>` id)."""
+    import llava_manager
+
+    adaptive = case.meta["settings"]["mm_manager_type"].startswith("adaptive")
+    kwargs = {"im_start_token_id": IM_START} if adaptive else {}
+    model = llava_manager.load_original(case.checkpoint, attn_implementation=attn_implementation, **kwargs)
+    inputs = hf_inputs(case, model.config.image_token_id)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+if __name__ == "__main__":  # python tests/oracle_cases.py: the max |logit diff| of every case on this machine
+    print(f"{'case':<28}{'eager':>10}{'sdpa':>10}")
+    for name in CASES:
+        case = load_case(name)
+        eager, sdpa = (max_logit_diff(case, case_logits(case, attn)) for attn in ("eager", "sdpa"))
+        print(f"{name:<28}{eager:>10.1e}{sdpa:>10.1e}")

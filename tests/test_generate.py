@@ -1,8 +1,11 @@
 """generate(): features computed before prefill travel with the image features (beam search, left padding),
 the first step equals a plain forward, and decode steps do no Manager work."""
 
+import inspect
+
 import pytest
 import torch
+from transformers import LlavaOnevisionForConditionalGeneration
 
 from inputs import single_image_batch, two_image_prompts_batch
 from llava_manager import ManagerConfig, patch_llava
@@ -104,7 +107,13 @@ def test_adaptive_managers_refuse_chunked_prefill():
         model.generate(**inputs, mm_encoder_outputs=encoded, prefill_chunk_size=7, max_new_tokens=2)
 
 
-def test_adaptive_managers_refuse_image_tokens_after_a_filled_cache():
+# transformers 5.24 renamed the forward's past_key_values= to cache= (the old name still works, deprecated)
+_FORWARD_PARAMETERS = inspect.signature(LlavaOnevisionForConditionalGeneration.forward).parameters
+CACHE_ARGUMENTS = ["past_key_values"] + (["cache"] if "cache" in _FORWARD_PARAMETERS else [])
+
+
+@pytest.mark.parametrize("cache_argument", CACHE_ARGUMENTS)
+def test_adaptive_managers_refuse_image_tokens_after_a_filled_cache(cache_argument):
     from llava_manager import ManagerError
 
     model, batch = _model("adaptive_average"), single_image_batch()
@@ -115,5 +124,5 @@ def test_adaptive_managers_refuse_image_tokens_after_a_filled_cache():
             model(
                 input_ids=batch["input_ids"][:, first_image:], pixel_values=batch["pixel_values"],
                 image_sizes=batch["image_sizes"], attention_mask=batch["attention_mask"],
-                past_key_values=head.past_key_values, use_cache=True,
+                use_cache=True, **{cache_argument: head.past_key_values},
             )

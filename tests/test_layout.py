@@ -72,17 +72,20 @@ def test_projector_injection_touches_exactly_the_managed_crops(grid):
     assert is_newline.sum() > 0 and torch.equal(changed, expected)
 
 
+@pytest.mark.parametrize("grid", ["all", "base", "grid"])
+@pytest.mark.parametrize("aspect", ["anyres_max_100", "anyres_max_1"])  # no shrink (gather first) / shrink
 @pytest.mark.parametrize("size", [(50, 30), (30, 95), (97, 96)])
-def test_features_match_transformers_packing(size):
-    """Main and multi-layer features equal transformers' own get_image_features / pack_image_features."""
+def test_features_match_transformers_packing(size, aspect, grid):
+    """Main and multi-layer features equal transformers' own get_image_features / pack_image_features applied to
+    each projected layer (rows outside the grid span zero)."""
     batch = single_image_batch(size=size)
-    model = tiny_model(vision_aspect_ratio="anyres_max_1")  # small max so the bilinear shrink triggers
+    model = tiny_model(vision_aspect_ratio=aspect)  # anyres_max_1: so small that the bilinear shrink triggers
     pixel_values, image_sizes = batch["pixel_values"], batch["image_sizes"]
     with torch.no_grad():
         reference = model.model.get_image_features(pixel_values, image_sizes, output_hidden_states=True)
         expected_main = reference.pooler_output[0]
         layers = [2, 3]
-    config = ManagerConfig(vision_layers=layers, llm_layers=[1])
+    config = ManagerConfig(vision_layers=layers, llm_layers=[1], grid=grid)
     patch_llava(model, config)
     perturb(model)
     with torch.no_grad():
@@ -92,14 +95,44 @@ def test_features_match_transformers_packing(size):
             hidden = reference.hidden_states[entry]
             projected = model.model.multi_modal_projector(hidden) + model.model.manager.layer_embedding.weight[index]
             packed, _ = model.model.pack_image_features(
-                [projected], image_sizes, image_newline=model.model.image_newline, vision_aspect_ratio="anyres_max_1"
+                [projected], image_sizes, image_newline=model.model.image_newline, vision_aspect_ratio=aspect
             )
-            expected_layers.append(packed[0])
+            expected = packed[0]
+            if grid == "base":
+                expected[BASE_TOKENS:] = 0
+            elif grid == "grid":
+                expected[:BASE_TOKENS] = 0
+            expected_layers.append(expected)
     assert torch.equal(output.pooler_output[0], expected_main)
     got_layers = output.deepstack_features[0][0].view(expected_main.shape[0], len(layers), -1)
     for index in range(len(layers)):
         torch.testing.assert_close(got_layers[:, index], expected_layers[index], atol=1e-6, rtol=0)
 
+
+def test_gather_projects_only_the_rows_the_layout_keeps():
+    """Unpadding drops grid tokens and `grid="base"` drops every grid crop: the Managers' projector call sees only
+    the kept rows (plus one stand-in row per newline when `grid="all"`)."""
+    batch = single_image_batch(size=(20, 120))  # very wide: unpadding drops rows of the 1x3 grid
+    layers = [2, 3]
+    seen_rows = {}
+    for grid in ("all", "base"):
+        patched = patch_llava(tiny_model(vision_aspect_ratio="anyres"), ManagerConfig(vision_layers=layers, grid=grid))
+        calls = []
+        hook = patched.model.multi_modal_projector.register_forward_hook(
+            lambda module, args, out: calls.append(args[0].shape)
+        )
+        with torch.no_grad():
+            output = patched.model.get_image_features(batch["pixel_values"], batch["image_sizes"])
+        hook.remove()
+        main_shape, layer_shape = calls  # the main feature, then the N layers
+        assert layer_shape[-2:] == (len(layers), patched.config.vision_config.hidden_size)
+        seen_rows[grid] = layer_shape[0]
+        crops, tokens = main_shape[0], main_shape[1]
+    packed = output.pooler_output[0]  # (T, D)
+    newlines = int((packed == patched.model.image_newline).all(-1).sum())
+    assert seen_rows["base"] == BASE_TOKENS == tokens
+    assert seen_rows["all"] == packed.shape[0]  # kept rows + one stand-in per newline
+    assert 0 < newlines and packed.shape[0] - newlines < crops * tokens  # unpadding dropped rows of the grid
 
 def test_square_layout_is_one_crop_without_newline():
     batch = single_image_batch(size=(50, 30))

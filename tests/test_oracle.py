@@ -2,33 +2,30 @@
 every case's logits over the whole expanded sequence, through `load_original`."""
 
 import pytest
-import torch
 
 import llava_manager
 from llava_manager.injection import instruction_positions
-from oracle_cases import CASES, IM_START, hf_inputs, load_case, max_logit_diff
+from oracle_cases import CASES, IM_START, case_logits, hf_inputs, load_case, max_logit_diff
 
 
-def _logits(case, attn_implementation):
-    settings = case.meta["settings"]
-    adaptive = settings["mm_manager_type"].startswith("adaptive")
-    kwargs = {"im_start_token_id": IM_START} if adaptive else {}  # static: no argument needed
-    model = llava_manager.load_original(case.checkpoint, attn_implementation=attn_implementation, **kwargs)
-    inputs = hf_inputs(case, model.config.image_token_id)
-    with torch.no_grad():
-        return model(**inputs).logits
+# The fixtures' README suggests atol 1e-4 on logits (max |logit| about 20), or exact equality with eager attention. The
+# Managers move these logits by 6 to 25 (README section 7), so 1e-4 still rejects any wrong layer, weight or position.
+# Exact equality held on the CPUs the fixtures were generated and first checked on (diff 0.0 in every case) but not on
+# every x86 CPU with the same torch wheel: MKL picks its fp32 GEMM kernels per microarchitecture (2e-5 seen on a
+# KVM "Intel Xeon Processor" family 6 model 207, whatever MKL_CBWR / ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY say).
+EAGER_ATOL = 1e-4
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_oracle_logits_exact_with_eager_attention(name):
+def test_oracle_logits_with_eager_attention(name):
     case = load_case(name)
-    assert max_logit_diff(case, _logits(case, "eager")) == 0.0
+    assert max_logit_diff(case, case_logits(case, "eager")) <= EAGER_ATOL
 
 
 @pytest.mark.parametrize("name", ["static_all_anyres", "adaptive_cross_zerouni", "batch2_static_all", "static_square"])
 def test_oracle_logits_with_sdpa(name):
     case = load_case(name)
-    assert max_logit_diff(case, _logits(case, "sdpa")) <= 1e-4
+    assert max_logit_diff(case, case_logits(case, "sdpa")) <= 1e-4
 
 
 @pytest.mark.parametrize("name", [c for c in CASES if c.startswith("adaptive")])
