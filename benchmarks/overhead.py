@@ -2,8 +2,11 @@
 
 Both models share every weight tensor (one copy in memory). Runs are interleaved (vanilla and patched
 alternate, and the order flips every repetition) and each figure is the median of `--repeats`
-repetitions after `--warmup` unmeasured ones, so drift and neighbours on a shared machine hit both
-sides alike. Measured per image mode:
+repetitions after `--warmup` unmeasured ones. On CPU the prefill and train steps go further
+(`--interleave layer`, benchmarks/lockstep.py): the two models run their step in lockstep, handing over
+at every layer, and each side's time is the sum of its own slices. A shared VM's speed drifts by
+10-30% within seconds, so whole 18-second steps timed one after the other differ by up to 10% with
+identical work; slices a few hundred milliseconds apart see the same machine. Measured per image mode:
 
 - prefill: one forward over prompt + image with a KV cache, keeping only the last logits (as `generate()`);
 - decode step: one token with the filled KV cache (median of `--decode-steps` steps per repetition);
@@ -41,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from lockstep import run_lockstep
 
 from llava_manager import ImageLayout, ManagerConfig, patch_llava
 
@@ -327,6 +331,17 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
         for phase in phases:
             if rep >= args.warmup + (args.train_repeats if phase == "train" else args.repeats):
                 continue  # this phase has all its repetitions
+            if args.interleave == "layer" and phase in ("prefill", "train"):
+                step = prefill if phase == "prefill" else train_step
+                seconds, _ = run_lockstep(
+                    [lambda model=models[name]: step(model, inputs) for name in order],
+                    [models[name] for name in order],
+                    threads=args.threads,
+                )
+                if measured:
+                    for name, value in zip(order, seconds):
+                        times[phase][name].append(value)
+                continue
             for name in order:
                 model = models[name]
                 if phase == "prefill" or (phase == "decode" and name not in caches):
@@ -404,7 +419,7 @@ def format_table(report: dict) -> str:
     lines = [
         f"preset {meta['preset']}, injection={meta['injection']}, {meta['dtype']} on {meta['device']}"
         f" ({meta['threads']} threads), attn={meta['attn']}; median of {meta['repeats']} (train: {meta['train_repeats']})"
-        f" after {meta['warmup']} warm-up"
+        f" after {meta['warmup']} warm-up; prefill/train interleaved by {meta['interleave']}"
         f"; torch {meta['torch']}, transformers {meta['transformers']}; malloc: {meta['malloc']}",
         "ratio: patched / vanilla of the medians; paired: median (and range) of patched / vanilla within a repetition",
         f"{'image':<20}{'measure':<22}{'vanilla':>12}{'patched':>12}{'ratio':>8}{'paired':>8}  {'range':<13}",
@@ -443,6 +458,14 @@ def parse_args(argv=None):
         "--train-repeats", type=int, default=None, help="measured repetitions of the (slow) train step (default: --repeats)"
     )
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions first")
+    parser.add_argument(
+        "--interleave",
+        choices=("auto", "layer", "run"),
+        default="auto",
+        help="prefill and train steps: 'layer' runs the two models in lockstep, alternating one layer at a time "
+        "(benchmarks/lockstep.py: drifts in machine speed cancel); 'run' times whole steps one after the other; "
+        "'auto': layer on CPU, run on CUDA",
+    )
     parser.add_argument("--decode-steps", type=int, default=8, help="decode steps timed per repetition (median)")
     parser.add_argument(
         "--full-logits",
@@ -469,6 +492,10 @@ def parse_args(argv=None):
         if unknown:
             parser.error(f"{name}: unknown {unknown}; choose from {','.join(allowed)}")
     args.train_repeats = args.repeats if args.train_repeats is None else args.train_repeats
+    if args.interleave == "auto":
+        args.interleave = "layer" if resolve_device(args.device).type == "cpu" else "run"
+    elif args.interleave == "layer" and resolve_device(args.device).type != "cpu":
+        parser.error("--interleave layer times slices on the host clock: CPU only (use --interleave run on CUDA)")
     if args.repeats < 1 or args.train_repeats < 1 or args.warmup < 0 or args.decode_steps < 1:
         parser.error("--repeats, --train-repeats and --decode-steps must be >= 1, --warmup >= 0")
     return args
@@ -514,6 +541,7 @@ def main(argv=None) -> dict:
             "repeats": args.repeats,
             "train_repeats": args.train_repeats,
             "warmup": args.warmup,
+            "interleave": args.interleave,
             "decode_steps": args.decode_steps,
             "train_logits": "all positions" if args.full_logits else "text after the image",
             "torch": torch.__version__,

@@ -57,3 +57,67 @@ def test_cpu_run_restarts_with_steady_malloc(tmp_path, monkeypatch, system_mallo
     steady = "glibc.malloc.mmap_threshold" in report["meta"]["malloc"]
     assert steady is not system_malloc, report["meta"]["malloc"]
     assert len(report["results"][0]["paired_range"]["decode"]) == 2
+
+
+def test_run_interleave_mode_still_reports(tmp_path):
+    _, report = _run(
+        tmp_path, "--interleave", "run", "--images", "square", "--phases", "prefill,train",
+        "--repeats", "1", "--warmup", "0", "--no-memory", "--no-flops",
+    )
+    assert report["meta"]["interleave"] == "run"
+    assert len(report["results"][0]["times_s"]["train"]["vanilla"]) == 1
+
+
+def _lockstep():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import lockstep
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return lockstep
+
+
+def test_lockstep_alternates_layer_by_layer_in_forward_and_backward():
+    import torch
+
+    from llava_manager.tiny import tiny_model
+
+    lockstep = _lockstep()
+    models = [tiny_model(), tiny_model()]
+    points = len(lockstep.yield_points(models[0]))
+    events = []
+    for side, model in enumerate(models):
+        for index, module in enumerate(lockstep.yield_points(model)):
+            module.register_forward_hook(lambda m, a, o, side=side, index=index: events.append((side, "fwd", index)))
+    ids = torch.tensor([[1, 2, 3, 4]])
+
+    def train(model):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    seconds, handovers = lockstep.run_lockstep([lambda: train(models[0]), lambda: train(models[1])], models, first=1)
+    assert all(value > 0 for value in seconds)
+    # the text-only forward passes every decoder layer and the LM head (not the vision tower); backward as many again
+    text_points = points - len(models[0].model.vision_tower.encoder.layers)
+    assert handovers == 2 * text_points
+    # forward: each layer runs on side 1 (which started), then on side 0, and so on layer after layer
+    assert [side for side, _, _ in events] == [1, 0] * text_points
+    assert [index for _, _, index in events[::2]] == [index for _, _, index in events[1::2]]
+    assert all(p.grad is not None for p in models[0].model.language_model.layers[0].parameters())
+
+
+def test_lockstep_reraises_a_side_error_and_removes_its_hooks():
+    import torch
+
+    from llava_manager.tiny import tiny_model
+
+    lockstep = _lockstep()
+    models = [tiny_model(), tiny_model()]
+    hooks_before = [len(m.lm_head._forward_pre_hooks) for m in models]
+
+    def fail():
+        raise RuntimeError("side 1 broke")
+
+    with pytest.raises(RuntimeError, match="side 1 broke"):
+        lockstep.run_lockstep([lambda: models[0](input_ids=torch.tensor([[1, 2]])), fail], models)
+    assert [len(m.lm_head._forward_pre_hooks) for m in models] == hooks_before
