@@ -4,9 +4,10 @@
 model (same signature, so `generate()` calls it before prefill exactly as it calls the original).
 It runs all crops of the batch through SigLIP in one call, captures only the selected layers,
 projects the main feature and packs it like transformers, and lays the N stacked layers out like
-it with one gather over the whole batch (packing.token_sources) *before* projecting them (in one
-batched call with the model's own projector): only the rows the layout keeps are projected, straight
-into the token-major `(T, N, D)` layout the Managers read. The Manager features travel with the image features as
+it with one gather over the whole batch (packing.token_sources), projecting them in one batched
+call with the model's own projector: before the gather when the layout drops rows (unpadding, grid
+spans), so only kept rows are projected; after it otherwise. The result is the token-major
+`(T, N, D)` layout the Managers read. The Manager features travel with the image features as
 `deepstack_features` (one `(tokens, N * D)` tensor per image, consecutive row blocks of that one
 tensor): transformers' generation expands them for beam search and slices them for chunked prefill
 exactly like `pooler_output`.
@@ -191,10 +192,11 @@ class ImageFeatureComputer:
         feature (newline rows: `image_newline` in every layer; rows outside the `grid` span: zero).
 
         Unless the `anyres_max` shrink blends tokens, packing only copies them and the projector works token by
-        token, so the rows the layout keeps are gathered first and only they are projected: the padding that
-        unpadding drops (and, for `grid="base"|"grid"`, every token outside the span) costs no projector work. The
-        gather is one indexing call over the whole batch, straight into the token-major layout the Managers read; the
-        per-image outputs are consecutive row blocks of one tensor.
+        token, so gathering and projecting commute. When the layout drops rows (unpadding; for `grid="base"|"grid"`
+        every token outside the span) the kept rows are gathered first and only they are projected; otherwise all rows
+        are projected and the narrower projected rows are gathered. Either way the gather is one indexing call over
+        the whole batch, straight into the token-major layout the Managers read; the per-image outputs are consecutive
+        row blocks of one tensor.
         """
         crops, tokens, num_layers, _width = layer_stack.shape
         sources = [
@@ -218,11 +220,14 @@ class ImageFeatureComputer:
         device = layer_stack.device
         crop_rows = layer_stack.reshape(crops * tokens, num_layers, layer_stack.shape[-1])  # (crops * P, N, C)
         if self.config.grid == "all":
+            # a newline row takes a stand-in row (cheaper than a scatter afterwards) and is overwritten below
+            source_rows = rows.clamp(min=0).to(device)
             if not is_newline.any() and torch.equal(rows, torch.arange(crops * tokens)):
-                selected = crop_rows  # one crop per image, no newline (square): the layout is the crops themselves
-            else:  # a newline row projects a stand-in row (cheaper than a scatter afterwards) and is overwritten below
-                selected = crop_rows.index_select(0, rows.clamp(min=0).to(device))  # (T, N, C)
-            features = self._project_layers(selected)  # (T, N, D)
+                features = self._project_layers(crop_rows)  # one crop per image, no newline (square): no gather
+            elif rows.shape[0] < crops * tokens:  # unpadding dropped rows: gather the C-wide rows, project fewer
+                features = self._project_layers(crop_rows.index_select(0, source_rows))  # (T, N, D)
+            else:  # nothing dropped: project every row, then gather the narrower D-wide rows
+                features = self._project_layers(crop_rows).index_select(0, source_rows)  # (T, N, D)
         else:
             keep = managed & ~is_newline
             projected = self._project_layers(crop_rows.index_select(0, rows[keep].to(device)))  # (T_kept, N, D)
