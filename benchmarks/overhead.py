@@ -51,8 +51,10 @@ from llava_manager import ImageLayout, ManagerConfig, patch_llava
 IMAGE_MODES = ("square", "anyres", "anyres_max_9")
 PHASES = ("prefill", "decode", "train")
 # glibc malloc: blocks up to 1 GiB from the heap (no mmap per tensor), never trimmed; larger ones still mmap'ed
-# (with no mmap at all, multi-GB blocks such as --full-logits' logits fragment the heap until memory runs out)
-STEADY_MALLOC = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=68719476736"
+# (with no mmap at all, multi-GB blocks such as --full-logits' logits fragment the heap until memory runs out).
+# One arena: the lockstep threads would otherwise get their own arenas, whose heaps (64 MiB at most) mmap every
+# large tensor afresh whatever the threshold (18 s -> 21 s per half-0.5b anyres prefill, and noisier).
+STEADY_MALLOC = "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=68719476736"
 
 
 # ---- models ---------------------------------------------------------------------------------------------
