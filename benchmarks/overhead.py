@@ -9,7 +9,8 @@ at every layer, and each side's time is the sum of its own slices. A shared VM's
 identical work; slices a few hundred milliseconds apart see the same machine. Measured per image mode:
 
 - prefill: one forward over prompt + image with a KV cache, keeping only the last logits (as `generate()`);
-- decode step: one token with the filled KV cache (median of `--decode-steps` steps per repetition);
+- decode step: one token with the filled KV cache (median of `--decode-steps` steps per repetition, the two
+  models taking turns step by step);
 - train step: forward with labels + backward, in training mode (Manager jitter on); logits and loss only on the
   text after the image (the answer) unless `--full-logits` (a smaller denominator, so a stricter ratio);
 - peak memory of each: weights plus the step's peak of live tensor bytes above what was live before it
@@ -280,6 +281,18 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`), outside the timed steps.
+
+    STEADY_MALLOC never trims, so a long run's heap only grows; fragmentation from the many step shapes would
+    otherwise carry into the next image mode (24 GB and the OOM killer, once)."""
+    gc.collect()
+    if platform.libc_ver()[0] == "glibc":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def peak_bytes(fn, device) -> int:
     """Peak of live tensor bytes while `fn` runs, above what was live when it started."""
     gc.collect()
@@ -333,10 +346,10 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
         for phase in phases:
             if rep >= args.warmup + (args.train_repeats if phase == "train" else args.repeats):
                 continue  # this phase has all its repetitions
-            if args.interleave == "layer" and phase in ("prefill", "train"):
-                step = prefill if phase == "prefill" else train_step
+            if phase in args.lockstep_phases:
+                run_step = prefill if phase == "prefill" else train_step
                 seconds, _ = run_lockstep(
-                    [lambda model=models[name]: step(model, inputs) for name in order],
+                    [lambda model=models[name]: run_step(model, inputs) for name in order],
                     [models[name] for name in order],
                     threads=args.threads,
                 )
@@ -344,20 +357,25 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
                     for name, value in zip(order, seconds):
                         times[phase][name].append(value)
                 continue
-            for name in order:
-                model = models[name]
-                if phase == "prefill" or (phase == "decode" and name not in caches):
-                    seconds = timed(lambda: caches.__setitem__(name, prefill(model, inputs).past_key_values), device)
-                    if phase == "prefill" and measured:
-                        times["prefill"][name].append(seconds)
-                if phase == "decode":
-                    steps = [
-                        timed(lambda s=step: decode_step(model, inputs, caches[name], s), device)
-                        for step in range(args.decode_steps)
-                    ]
+            if phase == "decode":
+                for name in order:
+                    if name not in caches:  # the prefill phase may have left one
+                        caches[name] = prefill(models[name], inputs).past_key_values
+                steps: dict[str, list[float]] = {name: [] for name in order}
+                for step in range(args.decode_steps):  # one step each, alternating: both see the same moment
+                    for name in order if step % 2 == 0 else order[::-1]:
+                        steps[name].append(timed(lambda: decode_step(models[name], inputs, caches[name], step), device))
+                for name in order:
                     caches.pop(name)
                     if measured:
-                        times["decode"][name].append(statistics.median(steps))
+                        times["decode"][name].append(statistics.median(steps[name]))
+                continue
+            for name in order:
+                model = models[name]
+                if phase == "prefill":
+                    seconds = timed(lambda: caches.__setitem__(name, prefill(model, inputs).past_key_values), device)
+                    if measured:
+                        times["prefill"][name].append(seconds)
                 if phase == "train":
                     seconds = timed(lambda: train_step(model, inputs), device)
                     if measured:
@@ -385,6 +403,7 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
         },
     }
     if args.memory:
+        release_free_memory()
         weights = {name: weight_bytes(model) for name, model in models.items()}
         result["weight_bytes"] = weights
         peaks: dict[str, dict[str, int]] = {}
@@ -408,7 +427,7 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
             if phase in phases
         }
     del vanilla, patched, models, inputs
-    gc.collect()
+    release_free_memory()
     return result
 
 
@@ -423,7 +442,8 @@ def format_table(report: dict) -> str:
         f" ({meta['threads']} threads), attn={meta['attn']}; median of {meta['repeats']} (train: {meta['train_repeats']})"
         f" after {meta['warmup']} warm-up; prefill/train interleaved by {meta['interleave']}"
         f"; torch {meta['torch']}, transformers {meta['transformers']}; malloc: {meta['malloc']}",
-        "ratio: patched / vanilla of the medians; paired: median (and range) of patched / vanilla within a repetition",
+        "ratio: patched / vanilla of the medians; paired: median (and range) of patched / vanilla within a repetition"
+        + ("; lockstep pairs: read paired" if meta["interleave"] != "run" else ""),
         f"{'image':<20}{'measure':<22}{'vanilla':>12}{'patched':>12}{'ratio':>8}{'paired':>8}  {'range':<13}",
     ]
     units = {"prefill": ("prefill (s)", 1.0), "decode": ("decode step (ms)", 1e3), "train": ("train step (s)", 1.0)}
@@ -464,9 +484,10 @@ def parse_args(argv=None):
         "--interleave",
         choices=("auto", "layer", "run"),
         default="auto",
-        help="prefill and train steps: 'layer' runs the two models in lockstep, alternating one layer at a time "
-        "(benchmarks/lockstep.py: drifts in machine speed cancel); 'run' times whole steps one after the other; "
-        "'auto': layer on CPU, run on CUDA",
+        help="'layer' runs the two models' prefill and train steps in lockstep, alternating one layer at a time "
+        "(benchmarks/lockstep.py: drifts in machine speed cancel; both train steps' activations are alive at once, "
+        "so it needs twice the memory); 'run' times whole steps one after the other; 'auto': lockstep prefill and "
+        "whole train steps on CPU, whole steps on CUDA",
     )
     parser.add_argument("--decode-steps", type=int, default=8, help="decode steps timed per repetition (median)")
     parser.add_argument(
@@ -494,10 +515,12 @@ def parse_args(argv=None):
         if unknown:
             parser.error(f"{name}: unknown {unknown}; choose from {','.join(allowed)}")
     args.train_repeats = args.repeats if args.train_repeats is None else args.train_repeats
-    if args.interleave == "auto":
-        args.interleave = "layer" if resolve_device(args.device).type == "cpu" else "run"
-    elif args.interleave == "layer" and resolve_device(args.device).type != "cpu":
+    on_cpu = resolve_device(args.device).type == "cpu"
+    if args.interleave == "layer" and not on_cpu:
         parser.error("--interleave layer times slices on the host clock: CPU only (use --interleave run on CUDA)")
+    if args.interleave == "auto":
+        args.interleave = "layer (prefill), run (train)" if on_cpu else "run"
+    args.lockstep_phases = {"layer": ("prefill", "train"), "run": ()}.get(args.interleave, ("prefill",))
     if args.repeats < 1 or args.train_repeats < 1 or args.warmup < 0 or args.decode_steps < 1:
         parser.error("--repeats, --train-repeats and --decode-steps must be >= 1, --warmup >= 0")
     return args
