@@ -116,7 +116,7 @@ class ImageFeatureComputer:
             main = main + self._vision_residual(layer_stack, crops_per_image)
             layer_stack = None
         main = model.multi_modal_projector(main)  # (crops, P, D)
-        # the N layers stay in SigLIP space here: _pack_layers projects only the rows the layout keeps
+        # the N layers stay in SigLIP space here: _pack_layers projects them (only the kept rows when the layout drops some)
         with _whole(None if square else model.image_newline):
             packed_main, packed_layers = self._pack(
                 main, layer_stack, crops_per_image, image_sizes, max_crops=max_crops, square=square
