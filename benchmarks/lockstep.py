@@ -19,11 +19,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llava_manager.vision import encoder_layers
+
 
 def yield_points(model: nn.Module) -> list[nn.Module]:
     """The modules at whose start a side hands over: vision encoder layers, decoder layers, the LM head."""
     inner = model.model
-    points = list(inner.vision_tower.encoder.layers) + list(inner.language_model.layers)
+    points = list(encoder_layers(inner.vision_tower)) + list(inner.language_model.layers)
     if getattr(model, "lm_head", None) is not None:
         points.append(model.lm_head)
     return points

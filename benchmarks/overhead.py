@@ -33,6 +33,7 @@ the test runs), `half-0.5b` (the real 0.5B widths with half the depth: minutes o
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import inspect
 import json
@@ -227,16 +228,17 @@ def prefill(model, inputs):
         return model(**_model_inputs(inputs), use_cache=True, logits_to_keep=1)
 
 
-def _cache_keyword(model) -> str:
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
     """transformers 5.24 renamed the forward's `past_key_values=` to `cache=` (the old name warns)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def decode_step(model, inputs, cache, step: int):
     token = inputs["input_ids"][:, -1:]
     mask = torch.ones(1, inputs["input_ids"].shape[1] + step + 1, dtype=torch.long, device=token.device)
     with torch.inference_mode():
-        return model(input_ids=token, attention_mask=mask, use_cache=True, **{_cache_keyword(model): cache})
+        return model(input_ids=token, attention_mask=mask, use_cache=True, **{_cache_keyword(type(model)): cache})
 
 
 def train_step(model, inputs):
