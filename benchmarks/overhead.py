@@ -11,8 +11,10 @@ identical work; slices a few hundred milliseconds apart see the same machine. Me
 - prefill: one forward over prompt + image with a KV cache, keeping only the last logits (as `generate()`);
 - decode step: one token with the filled KV cache (median of `--decode-steps` steps per repetition, the two
   models taking turns step by step);
-- train step: forward with labels + backward, in training mode (Manager jitter on); logits and loss only on the
-  text after the image (the answer) unless `--full-logits` (a smaller denominator, so a stricter ratio);
+- train step: forward with labels + backward, in training mode (Manager jitter on), with activation checkpointing
+  of every layer as the recipes train (`--no-gradient-checkpointing`: without; on CPU the two train steps then run
+  whole, one after the other, since in lockstep both steps' activations would be alive at once); logits and loss
+  only on the text after the image (the answer) unless `--full-logits` (a smaller denominator, so a stricter ratio);
 - peak memory of each: weights plus the step's peak of live tensor bytes above what was live before it
   (CUDA: `max_memory_allocated`; CPU: the profiler's allocation events), measured once after the timings;
 - FLOPs of prefill and train step (`torch.utils.flop_counter`): the floor for the time ratio.
@@ -144,7 +146,15 @@ def build_config(preset: Preset):
     )
 
 
-def build_pair(preset: Preset, *, image_mode: str, injection: str, dtype, device, attn: str, seed: int):
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing of every layer, non-reentrant, as llava_manager.train sets it up."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # 5.24 renamed it
+    enable({"use_reentrant": False})
+
+
+def build_pair(
+    preset: Preset, *, image_mode: str, injection: str, dtype, device, attn: str, seed: int, checkpointing: bool = False
+):
     """(vanilla, patched): two models sharing every weight tensor; Managers with random (non-zero) weights."""
     from transformers import LlavaOnevisionForConditionalGeneration
     from transformers.initialization import no_init_weights
@@ -175,6 +185,9 @@ def build_pair(preset: Preset, *, image_mode: str, injection: str, dtype, device
     with torch.no_grad():  # trained-looking Managers (zero-initialised ones would compute the same, but be honest)
         for param in patched.model.manager.parameters():
             param.copy_(torch.randn(param.shape, generator=generator).mul_(0.02).to(param))
+    if checkpointing:  # only acts in training mode: prefill and decode are unchanged
+        enable_checkpointing(vanilla)
+        enable_checkpointing(patched)
     return vanilla.eval(), patched.eval()
 
 
@@ -333,7 +346,14 @@ def flops(fn) -> int:
 # ---- the run ------------------------------------------------------------------------------------------
 def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict:
     vanilla, patched = build_pair(
-        preset, image_mode=image_mode, injection=args.injection, dtype=dtype, device=device, attn=args.attn, seed=args.seed
+        preset,
+        image_mode=image_mode,
+        injection=args.injection,
+        dtype=dtype,
+        device=device,
+        attn=args.attn,
+        seed=args.seed,
+        checkpointing=args.gradient_checkpointing,
     )
     inputs = build_inputs(vanilla, preset, image_mode, device, dtype, args.seed, full_logits=args.full_logits)
     models = {"vanilla": vanilla, "patched": patched}
@@ -443,6 +463,7 @@ def format_table(report: dict) -> str:
         f"preset {meta['preset']}, injection={meta['injection']}, {meta['dtype']} on {meta['device']}"
         f" ({meta['threads']} threads), attn={meta['attn']}; median of {meta['repeats']} (train: {meta['train_repeats']})"
         f" after {meta['warmup']} warm-up; prefill/train interleaved by {meta['interleave']}"
+        f"; train step {'with' if meta['gradient_checkpointing'] else 'without'} gradient checkpointing"
         f"; torch {meta['torch']}, transformers {meta['transformers']}; malloc: {meta['malloc']}",
         "ratio: patched / vanilla of the medians; paired: median (and range) of patched / vanilla within a repetition"
         + ("; lockstep pairs: read paired" if meta["interleave"] != "run" else ""),
@@ -488,8 +509,16 @@ def parse_args(argv=None):
         default="auto",
         help="'layer' runs the two models' prefill and train steps in lockstep, alternating one layer at a time "
         "(benchmarks/lockstep.py: drifts in machine speed cancel; both train steps' activations are alive at once, "
-        "so it needs twice the memory); 'run' times whole steps one after the other; 'auto': lockstep prefill and "
-        "whole train steps on CPU, whole steps on CUDA",
+        "so without gradient checkpointing it needs twice the memory); 'run' times whole steps one after the other; "
+        "'auto': 'layer' on CPU ('layer' for prefill and 'run' for train with --no-gradient-checkpointing), "
+        "'run' on CUDA",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train step with activation checkpointing of every layer, as the recipes (configs/recipes/stage*.yaml) "
+        "and the authors' released scripts train (default: on)",
     )
     parser.add_argument("--decode-steps", type=int, default=8, help="decode steps timed per repetition (median)")
     parser.add_argument(
@@ -521,7 +550,7 @@ def parse_args(argv=None):
     if args.interleave == "layer" and not on_cpu:
         parser.error("--interleave layer times slices on the host clock: CPU only (use --interleave run on CUDA)")
     if args.interleave == "auto":
-        args.interleave = "layer (prefill), run (train)" if on_cpu else "run"
+        args.interleave = "run" if not on_cpu else ("layer" if args.gradient_checkpointing else "layer (prefill), run (train)")
     args.lockstep_phases = {"layer": ("prefill", "train"), "run": ()}.get(args.interleave, ("prefill",))
     if args.repeats < 1 or args.train_repeats < 1 or args.warmup < 0 or args.decode_steps < 1:
         parser.error("--repeats, --train-repeats and --decode-steps must be >= 1, --warmup >= 0")
@@ -569,6 +598,7 @@ def main(argv=None) -> dict:
             "train_repeats": args.train_repeats,
             "warmup": args.warmup,
             "interleave": args.interleave,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "decode_steps": args.decode_steps,
             "train_logits": "all positions" if args.full_logits else "text after the image",
             "torch": torch.__version__,

@@ -32,6 +32,8 @@ def test_tiny_preset_reports_every_ratio(tmp_path):
         assert result["ratios"]["flops"]["prefill"] > 1.0  # the Managers' projector work is really there
         assert [len(result["times_s"][p]["patched"]) for p in ("prefill", "decode", "train")] == [2, 2, 1]
     assert "prefill (s)" in stdout and "peak mem train (MiB)" in stdout
+    # the CPU default: train steps with activation checkpointing (as the recipes train), in lockstep like prefill
+    assert report["meta"]["gradient_checkpointing"] is True and report["meta"]["interleave"] == "layer"
 
 
 @pytest.mark.parametrize("injection", ["projector"])
@@ -59,12 +61,21 @@ def test_cpu_run_restarts_with_steady_malloc(tmp_path, monkeypatch, system_mallo
     assert len(report["results"][0]["paired_range"]["decode"]) == 2
 
 
+def test_auto_interleave_without_checkpointing_times_whole_train_steps(tmp_path):
+    _, report = _run(
+        tmp_path, "--images", "square", "--phases", "train", "--train-repeats", "1", "--warmup", "0",
+        "--no-memory", "--no-flops", "--no-gradient-checkpointing",
+    )
+    assert report["meta"]["interleave"] == "layer (prefill), run (train)"  # lockstep train would hold two steps' activations
+    assert len(report["results"][0]["times_s"]["train"]["patched"]) == 1
+
+
 def test_run_interleave_mode_still_reports(tmp_path):
     _, report = _run(
         tmp_path, "--interleave", "run", "--images", "square", "--phases", "prefill,train",
-        "--repeats", "1", "--warmup", "0", "--no-memory", "--no-flops",
+        "--repeats", "1", "--warmup", "0", "--no-memory", "--no-flops", "--no-gradient-checkpointing",
     )
-    assert report["meta"]["interleave"] == "run"
+    assert report["meta"]["interleave"] == "run" and report["meta"]["gradient_checkpointing"] is False
     assert len(report["results"][0]["times_s"]["train"]["vanilla"]) == 1
 
 
