@@ -194,7 +194,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model.train()
         model.model.manager.apply(lambda m: setattr(m, "jitter", 0.0) if hasattr(m, "jitter") else None)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.24 renamed it (the old name warns, and goes in v6)
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         model(**batch, labels=batch["input_ids"]).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
