@@ -25,6 +25,7 @@ from .config import ImageLayout, ManagerConfig, ManagerConfigError, ManagerError
 from .modeling import (  # noqa: E402  (registers the model type with the Auto classes)
     LlavaOnevisionManagerConfig,
     LlavaOnevisionManagerForConditionalGeneration,
+    LlavaOnevisionManagerModel,
 )
 from . import processor as _processor  # noqa: E402,F401  (registers the processor classes with the Auto classes)
 from .convert import ConversionError, load_original  # noqa: E402
@@ -38,6 +39,7 @@ __all__ = [
     "ImageLayout",
     "LlavaOnevisionManagerConfig",
     "LlavaOnevisionManagerForConditionalGeneration",
+    "LlavaOnevisionManagerModel",
     "ManagerConfig",
     "ManagerConfigError",
     "ManagerError",

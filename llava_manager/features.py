@@ -80,8 +80,12 @@ class ImageFeatureComputer:
         vision_aspect_ratio: str | None = None,
         batch_num_images: torch.LongTensor | None = None,
         **kwargs,
-    ) -> ManagerImageOutput:
+    ) -> ManagerImageOutput | tuple:
+        """transformers' `get_image_features` with the Managers' multi-layer features added. Keyword arguments go to
+        the vision tower as in transformers (`output_hidden_states=True` / `output_attentions=True` return the tower's
+        hidden states / attentions); `return_dict=False` returns a tuple."""
         model = self.llava_model
+        return_dict = kwargs.pop("return_dict", True)
         config = model.config
         select_strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
         if vision_feature_layer is not None and vision_feature_layer != config.vision_feature_layer:
@@ -100,7 +104,7 @@ class ImageFeatureComputer:
 
         # all crops of the batch in one tower call, as the original does
         with self.capture.capture() as captured:
-            tower_output = model.vision_tower(pixel_values, return_dict=True)
+            tower_output = model.vision_tower(pixel_values, return_dict=True, **kwargs)
         main = captured[self.main_entry]  # (crops, P, C)
         if select_strategy == "default":
             main = main[:, 1:]
@@ -124,10 +128,12 @@ class ImageFeatureComputer:
         output = ManagerImageOutput(
             last_hidden_state=tower_output.last_hidden_state,
             pooler_output=packed_main,
+            hidden_states=tower_output.hidden_states,
+            attentions=tower_output.attentions,
             deepstack_features=[packed_layers] if packed_layers is not None else None,
         )
         self.last_output = output
-        return output
+        return output if return_dict else output.to_tuple()
 
     # ---- helpers ------------------------------------------------------------------------------------
     def _crops_per_image(self, image_sizes, batch_num_images, square: bool) -> list[int]:

@@ -86,14 +86,20 @@ class LLMInjection:
         self.config = stack.config
         self._state: ContextVar[_ForwardState | None] = ContextVar("llava_manager_forward", default=None)
         self._tokens: list = []
-        self._handles = [
-            llava_model.register_forward_pre_hook(self._enter, with_kwargs=True),
-            llava_model.register_forward_hook(self._exit, always_call=True),
-            llava_model.language_model.register_forward_pre_hook(self._plan, with_kwargs=True),
-        ]
-        layers = llava_model.language_model.layers
-        for index, llm_layer in enumerate(self.config.llm_layers):
-            self._handles.append(layers[llm_layer].register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
+        self._handles = []
+        try:  # a failure part-way removes the hooks already installed
+            self._handles += [
+                llava_model.register_forward_pre_hook(self._enter, with_kwargs=True),
+                llava_model.register_forward_hook(self._exit, always_call=True),
+                llava_model.language_model.register_forward_pre_hook(self._plan, with_kwargs=True),
+            ]
+            layers = llava_model.language_model.layers
+            for index, llm_layer in enumerate(self.config.llm_layers):
+                hook = self._make_layer_hook(index)
+                self._handles.append(layers[llm_layer].register_forward_pre_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -95,13 +95,34 @@ def weighted_layer_sum(features: torch.Tensor, weights: torch.Tensor) -> torch.T
     return _blockwise_layer_sum(features, weights)
 
 
+def init_manager_weights(module: nn.Module, zeros_=nn.init.zeros_, normal_=nn.init.normal_) -> bool:
+    """Give `module`'s own parameters their initial values if it is one of the Manager modules; True if it was.
+
+    The one place that knows the initial values (zero Manager weights: identity at init; the layer embedding drawn
+    from N(0, 1/D)). The modules call it from `__init__` with torch's init functions; the registered model classes call
+    it from `_init_weights` with `transformers.initialization`'s, which skip tensors already loaded. Child modules
+    (`nn.Linear` in the adaptive Managers) are not touched: they keep their framework's initialisation.
+    """
+    if isinstance(module, StaticManager):
+        zeros_(module.layer_scores)
+    elif isinstance(module, AdaptiveManager):
+        zeros_(module.zero_gate)
+    elif isinstance(module, LayerEmbedding):
+        normal_(module.weight, mean=0.0, std=1 / math.sqrt(module.width))
+    else:
+        return False
+    return True
+
+
 class LayerEmbedding(nn.Module):
     """A learned vector per selected vision layer, added to that layer's (projected) features."""
 
     def __init__(self, num_layers: int, width: int):
         super().__init__()
         self.num_layers, self.width = num_layers, width  # plain ints: ZeRO-3 empties partitioned parameters
-        self.weight = nn.Parameter(torch.randn(num_layers, width) / math.sqrt(width))
+        self.weight = nn.Parameter(torch.empty(num_layers, width))
+        with torch.no_grad():
+            init_manager_weights(self)
 
     def forward(self, layer_features: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
         # layer_features: (..., N, D) -> same shape
@@ -126,7 +147,9 @@ class StaticManager(nn.Module):
         super().__init__()
         self.jitter = jitter
         self.num_layers, self.width = num_layers, width  # plain ints: ZeRO-3 empties partitioned parameters
-        self.layer_scores = nn.Parameter(torch.zeros(num_layers, width))
+        self.layer_scores = nn.Parameter(torch.empty(num_layers, width))
+        with torch.no_grad():
+            init_manager_weights(self)
 
     def layer_weights(self) -> torch.Tensor:
         """(num_layers, D) weights as used in this forward (jittered in training)."""
@@ -191,10 +214,12 @@ class AdaptiveManager(nn.Module):
         self.query = query
         self.jitter = jitter
         self.num_layers, self.width = num_layers, width  # plain ints: ZeRO-3 empties partitioned parameters
-        self.zero_gate = nn.Parameter(torch.zeros(num_layers, width))
+        self.zero_gate = nn.Parameter(torch.empty(num_layers, width))
         in_features = width if query is None else 2 * width
         self.linear_controller = nn.Linear(in_features, num_layers, bias=False)
         self.fusion_attention = CrossQuery(width) if query == "cross" else None
+        with torch.no_grad():
+            init_manager_weights(self)
 
     def layer_weights(self) -> torch.Tensor:
         return _jittered(self.zero_gate, self.jitter, self.training)
@@ -274,9 +299,4 @@ class ManagerStack(nn.Module):
     def reset_parameters(self) -> None:
         """Zero every Manager weight (identity) and redraw the layer embedding, as at patch time."""
         for module in self.modules():
-            if isinstance(module, StaticManager):
-                module.layer_scores.zero_()
-            elif isinstance(module, AdaptiveManager):
-                module.zero_gate.zero_()
-            elif isinstance(module, LayerEmbedding):
-                module.weight.normal_(0.0, 1 / math.sqrt(module.width))
+            init_manager_weights(module)

@@ -1,25 +1,26 @@
 """The `llava_onevision_manager` model type, registered with the Auto classes at import.
 
-A patched model is a `LlavaOnevisionManagerForConditionalGeneration` (a subclass of transformers'
-LLaVA-OV class that adds nothing but the patch) with a `LlavaOnevisionManagerConfig` (LLaVA-OV's
-config plus two plain dicts: `manager`, `image_layout`). So `save_pretrained` writes an ordinary
-safetensors checkpoint and `AutoModelForImageTextToText.from_pretrained` rebuilds the patched
-model, with no `trust_remote_code`.
+A patched model is a `LlavaOnevisionManagerForConditionalGeneration` (or, patched bare, a
+`LlavaOnevisionManagerModel`): subclasses of transformers' LLaVA-OV classes that add nothing but the
+patch, with a `LlavaOnevisionManagerConfig` (LLaVA-OV's config plus two plain dicts: `manager`,
+`image_layout`). So `save_pretrained` writes an ordinary safetensors checkpoint and
+`AutoModelForImageTextToText.from_pretrained` / `AutoModel.from_pretrained` rebuild the patched model,
+with no `trust_remote_code`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForImageTextToText,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
 )
 
-from .managers import AdaptiveManager, CrossQuery, LayerEmbedding, StaticManager
+from .managers import init_manager_weights
 
 MODEL_TYPE = "llava_onevision_manager"
 
@@ -36,17 +37,36 @@ class LlavaOnevisionManagerConfig(LlavaOnevisionConfig):
         self.image_layout = dict(image_layout) if image_layout is not None else {}
 
 
-class LlavaOnevisionManagerForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
-    """LLaVA-OneVision with Managers (arXiv 2506.11515). Build it with `patch_llava` or load it with
-    `AutoModelForImageTextToText.from_pretrained` / `llava_manager.from_pretrained`."""
+def _is_manager_key(key: str) -> bool:
+    return "manager" in key.split(".")
+
+
+class _ManagerModelMixin:
+    """What both registered classes add to their transformers base class.
+
+    - The Managers are attached in `post_init`, before transformers initialises the weights, so a model built from a
+      config (also on the meta device, then `init_weights()`) gets them through `_init_weights` like every other
+      weight, and `from_pretrained` initialises Manager weights a checkpoint lacks.
+    - `_init_weights` knows the Manager modules (`managers.init_manager_weights`). transformers initialises a module
+      through the `PreTrainedModel` that owns it, so the bare `LlavaOnevisionModel` holding `manager` needs this too,
+      not only the outer class.
+    - `from_pretrained` is strict about the Managers.
+    """
 
     config_class = LlavaOnevisionManagerConfig
 
-    def __init__(self, config: LlavaOnevisionManagerConfig):
-        super().__init__(config)
+    def post_init(self):
         from .patch import attach_from_config
 
         attach_from_config(self)
+        super().post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        from transformers import initialization as init
+
+        if not init_manager_weights(module, zeros_=init.zeros_, normal_=init.normal_):
+            super()._init_weights(module)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -66,14 +86,25 @@ class LlavaOnevisionManagerForConditionalGeneration(LlavaOnevisionForConditional
                 f"{pretrained_model_name_or_path}: the weights do not match the shapes its config.json implies (see "
                 "the load report above); was config.json edited, or saved by a different run than the weights?"
             ) from error
-        missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith("model.manager."))
-        if missing:
+        missing = sorted(k for k in info.get("missing_keys", ()) if _is_manager_key(k))
+        if missing and kwargs.get("state_dict") is None:  # a caller's own state_dict may leave them to _init_weights
             raise ManagerError(
                 f"{pretrained_model_name_or_path}: config.json declares Managers but the weights lack "
                 f"{len(missing)} of their tensors (e.g. {missing[0]}); the checkpoint is incomplete or not a "
                 "llava-manager checkpoint"
             )
         return (model, info) if want_info else model
+
+
+class LlavaOnevisionManagerModel(_ManagerModelMixin, LlavaOnevisionModel):
+    """The bare LLaVA-OneVision model (what `AutoModel` returns) with Managers: the image-text hidden states, for
+    feature extraction and custom heads. `patch_llava` on a `LlavaOnevisionModel` makes one; `AutoModel.from_pretrained`
+    loads it."""
+
+
+class LlavaOnevisionManagerForConditionalGeneration(_ManagerModelMixin, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision with Managers (arXiv 2506.11515). Build it with `patch_llava` or load it with
+    `AutoModelForImageTextToText.from_pretrained` / `llava_manager.from_pretrained`."""
 
     def generate(self, *args, **kwargs):
         """transformers' `generate`, refusing what the adaptive Managers cannot do (chunked prefill)."""
@@ -84,23 +115,17 @@ class LlavaOnevisionManagerForConditionalGeneration(LlavaOnevisionForConditional
         check_prefill_chunking(self, chunk_size)
         return super().generate(*args, **kwargs)
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        from transformers import initialization as init
 
-        if isinstance(module, StaticManager):
-            init.zeros_(module.layer_scores)
-        elif isinstance(module, AdaptiveManager):
-            init.zeros_(module.zero_gate)
-        elif isinstance(module, LayerEmbedding):
-            init.normal_(module.weight, mean=0.0, std=1 / math.sqrt(module.width))
-        elif isinstance(module, CrossQuery):
-            pass  # its Linear layers are initialised by the base class
+# the registered class of each transformers class patch_llava turns into it
+MANAGER_CLASS_OF = {
+    LlavaOnevisionModel: LlavaOnevisionManagerModel,
+    LlavaOnevisionForConditionalGeneration: LlavaOnevisionManagerForConditionalGeneration,
+}
 
 
 def _register() -> None:
     AutoConfig.register(MODEL_TYPE, LlavaOnevisionManagerConfig, exist_ok=True)
+    AutoModel.register(LlavaOnevisionManagerConfig, LlavaOnevisionManagerModel, exist_ok=True)
     AutoModelForImageTextToText.register(
         LlavaOnevisionManagerConfig, LlavaOnevisionManagerForConditionalGeneration, exist_ok=True
     )

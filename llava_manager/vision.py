@@ -40,9 +40,13 @@ class VisionCapture:
         self._store: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("llava_manager_capture", default=None)
         layers = encoder_layers(vision_tower)
         self._handles = []
-        for entry in self.entries:
-            module = _embeddings(vision_tower) if entry == 0 else layers[entry - 1]
-            self._handles.append(module.register_forward_hook(self._make_hook(entry)))
+        try:  # a failure part-way removes the hooks already installed
+            for entry in self.entries:
+                module = _embeddings(vision_tower) if entry == 0 else layers[entry - 1]
+                self._handles.append(module.register_forward_hook(self._make_hook(entry)))
+        except BaseException:
+            self.remove()
+            raise
 
     def _make_hook(self, entry: int):
         def hook(module, args, output):
