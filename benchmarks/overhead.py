@@ -247,6 +247,12 @@ def _cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def _cache_of(output):
+    """The KV cache of a forward's output: `.cache` (transformers >= 5.24; reading `.past_key_values` warns) or
+    `.past_key_values` (before)."""
+    return output.cache if "cache" in getattr(output, "__dataclass_fields__", {}) else output.past_key_values
+
+
 def decode_step(model, inputs, cache, step: int):
     token = inputs["input_ids"][:, -1:]
     mask = torch.ones(1, inputs["input_ids"].shape[1] + step + 1, dtype=torch.long, device=token.device)
@@ -382,7 +388,7 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
             if phase == "decode":
                 for name in order:
                     if name not in caches:  # the prefill phase may have left one
-                        caches[name] = prefill(models[name], inputs).past_key_values
+                        caches[name] = _cache_of(prefill(models[name], inputs))
                 steps: dict[str, list[float]] = {name: [] for name in order}
                 for step in range(args.decode_steps):  # one step each, alternating: both see the same moment
                     for name in order if step % 2 == 0 else order[::-1]:
@@ -395,7 +401,7 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
             for name in order:
                 model = models[name]
                 if phase == "prefill":
-                    seconds = timed(lambda: caches.__setitem__(name, prefill(model, inputs).past_key_values), device)
+                    seconds = timed(lambda: caches.__setitem__(name, _cache_of(prefill(model, inputs))), device)
                     if measured:
                         times["prefill"][name].append(seconds)
                 if phase == "train":
@@ -435,7 +441,7 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
                 if phase == "prefill":
                     fn = lambda: prefill(model, inputs)  # noqa: E731
                 elif phase == "decode":
-                    cache = prefill(model, inputs).past_key_values
+                    cache = _cache_of(prefill(model, inputs))
                     fn = lambda: decode_step(model, inputs, cache, 0)  # noqa: E731
                 else:
                     fn = lambda: train_step(model, inputs)  # noqa: E731

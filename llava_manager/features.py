@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from .config import ImageLayout, ManagerConfig
+from .forward_state import ForwardScope
 from .managers import ManagerStack
 from .packing import pack_image, parse_max_crops, token_sources
 from .vision import VisionCapture
@@ -56,8 +57,16 @@ def _whole(parameter: torch.nn.Parameter | None):
 class ImageFeatureComputer:
     """Callable that replaces `get_image_features` on one patched `LlavaOnevisionModel` instance."""
 
-    def __init__(self, llava_model, stack: ManagerStack | None, config: ManagerConfig | None, layout: ImageLayout):
+    def __init__(
+        self,
+        llava_model,
+        stack: ManagerStack | None,
+        config: ManagerConfig | None,
+        layout: ImageLayout,
+        scope: ForwardScope | None = None,
+    ):
         self.llava_model = llava_model
+        self.scope = scope  # where the output goes when computed inside a forward (None: layout only, keep nothing)
         self.stack = stack
         self.config = config
         self.layout = layout
@@ -65,7 +74,6 @@ class ImageFeatureComputer:
         self.main_entry = model_config.vision_feature_layer % (model_config.vision_config.num_hidden_layers + 1)
         self.vision_layers = list(config.vision_layers) if config is not None else []
         self.capture = VisionCapture(llava_model.vision_tower, [self.main_entry, *self.vision_layers])
-        self.last_output: ManagerImageOutput | None = None  # set while a forward is running (see injection.py)
 
     def remove(self) -> None:
         self.capture.remove()
@@ -132,7 +140,9 @@ class ImageFeatureComputer:
             attentions=tower_output.attentions,
             deepstack_features=[packed_layers] if packed_layers is not None else None,
         )
-        self.last_output = output
+        state = self.scope.current() if self.scope is not None else None
+        if state is not None:  # inside a forward: the injection hooks read it from there
+            state.image_output = output
         return output if return_dict else output.to_tuple()
 
     # ---- helpers ------------------------------------------------------------------------------------

@@ -1,25 +1,26 @@
 """The LLM injection site: hooks that add each Manager's output before its decoder layer.
 
 Per forward of the `LlavaOnevisionModel`:
-1. a forward pre-hook records the inputs (`input_ids` or `inputs_embeds`, `mm_encoder_outputs`);
-2. `get_image_features` (ours, see features.py) runs inside that forward, or ran before it in
-   `generate()` and arrives through `mm_encoder_outputs`;
+1. the `ForwardScope` (forward_state.py) opens this forward's state with its inputs (`input_ids` or
+   `inputs_embeds`, `mm_encoder_outputs`, the KV cache);
+2. `get_image_features` (ours, see features.py) runs inside that forward and leaves its output in the
+   state, or ran before it in `generate()` and arrives through `mm_encoder_outputs`;
 3. a pre-hook on the language model builds the `InjectionPlan`: where the image tokens are,
    their multi-layer features, and (adaptive Managers) where each sample's instruction is;
 4. a pre-hook on each chosen decoder layer returns `h + delta` (out of place) at the image tokens;
-5. a forward hook (always called, also on errors) drops the state.
+5. the scope closes the state when the forward ends (also on errors).
 Decode steps (a filled KV cache and no image token) skip all Manager work; every other forward runs
 every Manager, on empty tensors for text-only batches, so ZeRO-3 ranks stay in step.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 
 from .config import ManagerError
+from .forward_state import ForwardScope, ForwardState
 from .managers import AdaptiveManager, ManagerStack, QueryContext
 
 _ADAPTIVE_NEEDS_WHOLE_PROMPT = (
@@ -38,16 +39,6 @@ def check_prefill_chunking(model, prefill_chunk_size) -> None:
             f"prefill_chunk_size={prefill_chunk_size} with {stack.config.manager_type} Managers: "
             + _ADAPTIVE_NEEDS_WHOLE_PROMPT
         )
-
-
-@dataclass
-class _ForwardState:
-    input_ids: torch.Tensor | None
-    inputs_embeds: torch.Tensor | None
-    attention_mask: torch.Tensor | None
-    mm_encoder_outputs: dict | None
-    cache: object | None  # the KV cache given to this forward, if any
-    plan: InjectionPlan | None = None
 
 
 @dataclass
@@ -79,20 +70,14 @@ class _QueryPlan:
 class LLMInjection:
     """Installs and owns the hooks of `injection="llm"` on one `LlavaOnevisionModel`."""
 
-    def __init__(self, llava_model, stack: ManagerStack, features):
+    def __init__(self, llava_model, stack: ManagerStack, scope: ForwardScope):
         self.llava_model = llava_model
         self.stack = stack
-        self.features = features  # the ImageFeatureComputer
+        self.scope = scope  # the per-forward state (forward_state.py)
         self.config = stack.config
-        self._state: ContextVar[_ForwardState | None] = ContextVar("llava_manager_forward", default=None)
-        self._tokens: list = []
         self._handles = []
         try:  # a failure part-way removes the hooks already installed
-            self._handles += [
-                llava_model.register_forward_pre_hook(self._enter, with_kwargs=True),
-                llava_model.register_forward_hook(self._exit, always_call=True),
-                llava_model.language_model.register_forward_pre_hook(self._plan, with_kwargs=True),
-            ]
+            self._handles.append(llava_model.language_model.register_forward_pre_hook(self._plan, with_kwargs=True))
             layers = llava_model.language_model.layers
             for index, llm_layer in enumerate(self.config.llm_layers):
                 hook = self._make_layer_hook(index)
@@ -106,33 +91,15 @@ class LLMInjection:
             handle.remove()
         self._handles.clear()
 
-    # ---- 1 / 5: forward enter and exit ---------------------------------------------------------------
-    def _enter(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        state = _ForwardState(
-            input_ids=input_ids,
-            inputs_embeds=kwargs.get("inputs_embeds"),
-            attention_mask=kwargs.get("attention_mask"),
-            mm_encoder_outputs=kwargs.get("mm_encoder_outputs"),
-            cache=_cache_argument(kwargs),
-        )
-        self.features.last_output = None
-        self._tokens.append(self._state.set(state))
-
-    def _exit(self, module, args, output):
-        if self._tokens:
-            self._state.reset(self._tokens.pop())
-        self.features.last_output = None
-
     # ---- 3: the plan ---------------------------------------------------------------------------------
     def _plan(self, module, args, kwargs):
-        state = self._state.get()
+        state = self.scope.current()
         if state is None:  # the language model called on its own: nothing to inject
             return None
         hidden = kwargs.get("inputs_embeds")
         if hidden is None:
             return None
-        image_output = self.features.last_output
+        image_output = state.image_output
         if image_output is None and state.mm_encoder_outputs:
             image_output = state.mm_encoder_outputs.get("image")
         image_mask = self._image_token_mask(state, hidden)  # (B, L) bool
@@ -178,10 +145,10 @@ class LLMInjection:
         )
         return None
 
-    def _image_token_mask(self, state: _ForwardState, hidden: torch.Tensor) -> torch.Tensor:
+    def _image_token_mask(self, state: ForwardState, hidden: torch.Tensor) -> torch.Tensor:
         return self._token_mask(state, hidden, self.llava_model.config.image_token_id)
 
-    def _token_mask(self, state: _ForwardState, hidden: torch.Tensor, token_id: int) -> torch.Tensor:
+    def _token_mask(self, state: ForwardState, hidden: torch.Tensor, token_id: int) -> torch.Tensor:
         if state.input_ids is not None:
             return (state.input_ids == token_id).to(hidden.device)
         embeds = state.inputs_embeds
@@ -190,7 +157,7 @@ class LLMInjection:
         )
         return (embeds == token_embedding).all(-1).to(hidden.device)
 
-    def _query_plan(self, state: _ForwardState, image_mask: torch.Tensor, hidden: torch.Tensor) -> _QueryPlan:
+    def _query_plan(self, state: ForwardState, image_mask: torch.Tensor, hidden: torch.Tensor) -> _QueryPlan:
         """Instruction positions per sample, as the released code finds them from `<|im_start|>`."""
         batch, seq_len = image_mask.shape
         starts_mask = self._token_mask(state, hidden, self.config.query_token_id)
@@ -222,7 +189,7 @@ class LLMInjection:
         manager = self.stack.managers[index]
 
         def hook(module, args, kwargs):
-            state = self._state.get()
+            state = self.scope.current()
             if state is None or state.plan is None:
                 return None
             plan = state.plan
@@ -274,20 +241,16 @@ class ProjectorIdleRun:
     on text-only forwards. There, in training, run it on nothing and add the (zero) result to the embeddings, so
     every rank uses every Manager parameter every step (ZeRO-3 gathers them collectively)."""
 
-    def __init__(self, llava_model, stack: ManagerStack, features):
+    def __init__(self, llava_model, stack: ManagerStack, scope: ForwardScope):
         self.stack = stack
-        self.features = features
-        self._handles = [
-            llava_model.register_forward_pre_hook(self._enter),
-            llava_model.language_model.register_forward_pre_hook(self._before_llm, with_kwargs=True),
-        ]
-
-    def _enter(self, module, args):
-        self.features.last_output = None
+        self.scope = scope
+        self._handles = [llava_model.language_model.register_forward_pre_hook(self._before_llm, with_kwargs=True)]
 
     def _before_llm(self, module, args, kwargs):
         hidden = kwargs.get("inputs_embeds")
-        if hidden is None or self.features.last_output is not None or not (self.stack.training and torch.is_grad_enabled()):
+        state = self.scope.current()
+        image_features_ran = state is not None and state.image_output is not None
+        if hidden is None or image_features_ran or not (self.stack.training and torch.is_grad_enabled()):
             return None
         num_layers = len(self.stack.config.vision_layers)
         nothing = hidden.new_zeros(0, num_layers, self.stack.managers[0].width)  # (0, N, C)
@@ -356,12 +319,6 @@ def _join_rows(parts: list[torch.Tensor]) -> torch.Tensor:
             if offset - base.storage_offset() == base.numel():
                 return base.view(-1, parts[0].shape[-1])
     return torch.cat(parts, dim=0)
-
-
-def _cache_argument(kwargs: dict):
-    """The KV cache a forward was called with: `cache=` (transformers >= 5.24) or `past_key_values=` (before)."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _cache_length(cache) -> int:

@@ -18,6 +18,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionModel, PreTrainedMo
 
 from .config import ImageLayout, ManagerConfig, ManagerError
 from .features import ImageFeatureComputer
+from .forward_state import ForwardScope
 from .injection import LLMInjection, ProjectorIdleRun
 from .managers import ManagerStack
 from .modeling import MANAGER_CLASS_OF, LlavaOnevisionManagerConfig
@@ -31,12 +32,13 @@ class _PatchRecord:
     layout: ImageLayout
     features: ImageFeatureComputer
     injection: LLMInjection | ProjectorIdleRun | None
+    scope: ForwardScope | None
     original_config: object | None = None
 
     def remove_hooks(self) -> None:
-        if self.injection is not None:
-            self.injection.remove()
-        self.features.remove()
+        for part in (self.injection, self.features, self.scope):
+            if part is not None:
+                part.remove()
 
 
 def llava_model_of(model) -> LlavaOnevisionModel | None:
@@ -141,7 +143,7 @@ def attach_from_config(model) -> None:
 def _attach(model, config: ManagerConfig | None, layout: ImageLayout) -> _PatchRecord:
     """Attach the ManagerStack, the feature computer and the hooks; if any step fails, undo the others and raise."""
     llava = llava_model_of(model)
-    features = injection = None
+    scope = features = injection = None
     try:
         stack = None
         if config is not None:
@@ -153,17 +155,19 @@ def _attach(model, config: ManagerConfig | None, layout: ImageLayout) -> _PatchR
             stack = _build_stack(config, width, reference=llava.multi_modal_projector.linear_1.weight)
             stack.train(llava.training)  # a new module starts in training mode; follow the model's
             llava.manager = stack
-        features = ImageFeatureComputer(llava, stack, config, layout)
+        if config is not None:
+            scope = ForwardScope(llava)
+        features = ImageFeatureComputer(llava, stack, config, layout, scope)
         llava.get_image_features = features
         if config is not None:
-            injection = (LLMInjection if config.injection == "llm" else ProjectorIdleRun)(llava, stack, features)
+            injection = (LLMInjection if config.injection == "llm" else ProjectorIdleRun)(llava, stack, scope)
     except BaseException:
-        for part in (injection, features):
+        for part in (injection, features, scope):
             if part is not None:
                 part.remove()
         _drop_modules(llava)
         raise
-    record = _PatchRecord(manager_config=config, layout=layout, features=features, injection=injection)
+    record = _PatchRecord(manager_config=config, layout=layout, features=features, injection=injection, scope=scope)
     object.__setattr__(llava, _RECORD, record)
     return record
 

@@ -18,6 +18,7 @@ def _run(tmp_path, *args):
     command = [sys.executable, str(SCRIPT), "--preset", "tiny", "--threads", "1", "--json", str(out), *args]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "deprecated" not in (done.stdout + done.stderr).lower(), done.stderr[-3000:]  # e.g. past_key_values=
     return done.stdout, json.loads(out.read_text())
 
 

@@ -124,5 +124,5 @@ def test_adaptive_managers_refuse_image_tokens_after_a_filled_cache(cache_argume
             model(
                 input_ids=batch["input_ids"][:, first_image:], pixel_values=batch["pixel_values"],
                 image_sizes=batch["image_sizes"], attention_mask=batch["attention_mask"],
-                use_cache=True, **{cache_argument: head.past_key_values},
+                use_cache=True, **{cache_argument: head.cache if "cache" in _FORWARD_PARAMETERS else head.past_key_values},
             )
