@@ -91,9 +91,11 @@ class ImageFeatureComputer:
     ) -> ManagerImageOutput | tuple:
         """transformers' `get_image_features` with the Managers' multi-layer features added. Keyword arguments go to
         the vision tower as in transformers (`output_hidden_states=True` / `output_attentions=True` return the tower's
-        hidden states / attentions); `return_dict=False` returns a tuple."""
+        hidden states / attentions); `return_dict=False` (argument or config) returns a tuple."""
         model = self.llava_model
-        return_dict = kwargs.pop("return_dict", True)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:  # as transformers' merge_with_config_defaults
+            return_dict = getattr(model.config, "return_dict", True)
         config = model.config
         select_strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
         if vision_feature_layer is not None and vision_feature_layer != config.vision_feature_layer:

@@ -1,3 +1,4 @@
+# Copyright 2026 The llava-manager authors. Licensed under the Apache License, Version 2.0.
 """The `llava_onevision_manager` model type, registered with the Auto classes at import.
 
 A patched model is a `LlavaOnevisionManagerForConditionalGeneration` (or, patched bare, a
@@ -61,6 +62,16 @@ class _ManagerModelMixin:
         attach_from_config(self)
         super().post_init()
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: transformers treats classes defined outside its package as "custom code" and then, to protect
+        remote code that writes weights in place, skips initialising every module without parameters of its own. That
+        shortcut reaches into the SigLIP tower too (its MLP/attention modules initialise their Linear children), so a
+        Manager model built on the meta device would get a differently initialised tower than LLaVA-OV. Our
+        `_init_weights` uses `transformers.initialization` (which respects loaded weights) and ties no modules, which is
+        what the shortcut guards against."""
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module):
         from transformers import initialization as init
@@ -86,8 +97,13 @@ class _ManagerModelMixin:
                 f"{pretrained_model_name_or_path}: the weights do not match the shapes its config.json implies (see "
                 "the load report above); was config.json edited, or saved by a different run than the weights?"
             ) from error
-        missing = sorted(k for k in info.get("missing_keys", ()) if _is_manager_key(k))
-        if missing and kwargs.get("state_dict") is None:  # a caller's own state_dict may leave them to _init_weights
+        missing_keys = set(info.get("missing_keys", ()))
+        missing = sorted(k for k in missing_keys if _is_manager_key(k))
+        # A checkpoint with the model's weights but not the Managers' is the real mistake (a base checkpoint under a
+        # Manager config.json). When nothing at all loaded, or the caller passed its own state_dict, transformers'
+        # contract holds: missing weights are initialised (zero Managers) and reported in the loading info.
+        loaded_other_weights = any(k not in missing_keys and not _is_manager_key(k) for k in model.state_dict())
+        if missing and loaded_other_weights and kwargs.get("state_dict") is None:
             raise ManagerError(
                 f"{pretrained_model_name_or_path}: config.json declares Managers but the weights lack "
                 f"{len(missing)} of their tensors (e.g. {missing[0]}); the checkpoint is incomplete or not a "
@@ -129,15 +145,18 @@ def _register() -> None:
     AutoModelForImageTextToText.register(
         LlavaOnevisionManagerConfig, LlavaOnevisionManagerForConditionalGeneration, exist_ok=True
     )
-    # the on-disk key layout (legacy `language_model.model.*` ...) is LLaVA-OV's
+    # the on-disk key layouts (legacy `language_model.model.*` ...) are LLaVA-OV's: for the model type, and for each
+    # class that has its own (transformers looks class names up first: the bare model's layout differs)
     from transformers import conversion_mapping
 
-    mapping = conversion_mapping.get_checkpoint_conversion_mapping("llava_onevision")
-    if mapping is not None:
-        try:
-            conversion_mapping.register_checkpoint_conversion_mapping(MODEL_TYPE, mapping)
-        except ValueError:  # already registered (re-import)
-            pass
+    pairs = [("llava_onevision", MODEL_TYPE)] + [(base.__name__, ours.__name__) for base, ours in MANAGER_CLASS_OF.items()]
+    for theirs, ours in pairs:
+        mapping = conversion_mapping.get_checkpoint_conversion_mapping(theirs)
+        if mapping is not None:
+            try:
+                conversion_mapping.register_checkpoint_conversion_mapping(ours, mapping)
+            except ValueError:  # already registered (re-import)
+                pass
 
 
 _register()
