@@ -7,15 +7,30 @@
 __version__ = "0.1.0"
 
 
+def _transformers_requirement():
+    """The `transformers` requirement setup.cfg declares (read from the installed package's metadata)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        for line in metadata.requires("llava-manager") or ():
+            requirement = Requirement(line)
+            if requirement.name == "transformers" and requirement.marker is None:
+                return requirement
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed: nothing to check against
+        pass
+    return None
+
+
 def _check_transformers_version() -> None:
     import transformers
-    from packaging.version import Version
 
-    found = Version(transformers.__version__)
-    if not Version("5.6") <= found < Version("6"):
+    requirement = _transformers_requirement()
+    if requirement is not None and not requirement.specifier.contains(transformers.__version__, prereleases=True):
         raise ImportError(
-            f"llava-manager needs transformers >=5.6,<6 (the flattened SigLIP and generate()'s mm_encoder_outputs); "
-            f"found {transformers.__version__}. Run: pip install 'transformers>=5.6,<6'"
+            f"llava-manager is tested with {requirement} (the range in its README); found transformers "
+            f"{transformers.__version__}. Run: pip install '{requirement}'"
         )
 
 

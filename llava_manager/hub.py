@@ -214,6 +214,8 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], **downloa
     rev = revision or "main"
     offline = constants.HF_HUB_OFFLINE
     cache = download.get("cache_dir") or constants.HF_HUB_CACHE
+    if offline:  # huggingface_hub 1.x lists the Hub tree for a commit hash unless told to stay local
+        download = {**download, "local_files_only": True}
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **download)
     except GatedRepoError:

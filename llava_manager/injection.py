@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint_replay import plan_for_layer
 from .config import ManagerError
 from .forward_state import ForwardScope, ForwardState
 from .managers import AdaptiveManager, ManagerStack, QueryContext
@@ -57,6 +58,7 @@ class InjectionPlan:
     token_sample: torch.Tensor
     query: _QueryPlan | None = None
     span: tuple[int, int] | None = None  # (start, stop) when `positions` is one run of consecutive indices
+    grad_enabled: bool = True  # autograd was on when the plan was built (checkpoint_replay.py)
 
 
 @dataclass
@@ -141,7 +143,12 @@ class LLMInjection:
             if last - first + 1 == positions.shape[0]:  # one block of consecutive tokens (e.g. one image, one sample)
                 span = (first, last + 1)
         state.plan = InjectionPlan(
-            positions=positions, features=features, token_sample=token_sample, query=query, span=span
+            positions=positions,
+            features=features,
+            token_sample=token_sample,
+            query=query,
+            span=span,
+            grad_enabled=torch.is_grad_enabled(),
         )
         return None
 
@@ -189,11 +196,12 @@ class LLMInjection:
         manager = self.stack.managers[index]
 
         def hook(module, args, kwargs):
-            state = self.scope.current()
-            if state is None or state.plan is None:
-                return None
-            plan = state.plan
             hidden = args[0] if args else kwargs["hidden_states"]
+            state = self.scope.current()
+            plan = state.plan if state is not None else None
+            plan = plan_for_layer(module, hidden, plan, plan.grad_enabled if plan is not None else False)
+            if plan is None:
+                return None
             flat = hidden.reshape(-1, hidden.shape[-1])  # (B * L, D)
             if isinstance(manager, AdaptiveManager):
                 delta = manager(plan.features, context=self._query_context(plan, flat))

@@ -185,23 +185,49 @@ def test_only_jitter_differs_between_train_and_eval():
     torch.testing.assert_close(logits(model, batch), evaluated, atol=1e-6, rtol=0)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def _gradients(config_name, checkpointing_kwargs=None):
+    """Parameter gradients of one training step (jitter off), with activation checkpointing if kwargs are given."""
     batch = single_image_batch()
-    grads = []
-    for checkpointing in (False, True):
-        model = patch_llava(tiny_model(), ManagerConfig(llm_layers=[0, 1, 3]))
-        perturb(model)
-        model.train()
-        model.model.manager.apply(lambda m: setattr(m, "jitter", 0.0) if hasattr(m, "jitter") else None)
-        if checkpointing:
-            # transformers 5.24 renamed it (the old name warns, and goes in v6)
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable({"use_reentrant": False})
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    model = patch_llava(tiny_model(), CHECKPOINTED_CONFIGS[config_name])
+    perturb(model)
+    model.train()
+    model.model.manager.apply(lambda m: setattr(m, "jitter", 0.0) if hasattr(m, "jitter") else None)
+    if checkpointing_kwargs is not None:
+        # transformers 5.24 renamed it (the old name warns, and goes in v6)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(checkpointing_kwargs)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+CHECKPOINTED_CONFIGS = {
+    "static": ManagerConfig(llm_layers=[0, 1, 3]),
+    "adaptive_cross": ManagerConfig(manager_type="adaptive_cross", llm_layers=[0, 1, 3], query_token_id=1),
+}
+
+
+@pytest.mark.parametrize("config_name", CHECKPOINTED_CONFIGS)
+def test_gradient_checkpointing_gives_the_same_gradients(config_name):
+    """On every supported transformers: where the hooks run outside the checkpointed layer (>= 5.23) and where they
+    run inside it and again in the backward (earlier releases, see checkpoint_replay.py)."""
+    plain, checkpointed = _gradients(config_name), _gradients(config_name, {"use_reentrant": False})
+    assert plain.keys() == checkpointed.keys() and any("manager" in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_reentrant_checkpointing_is_exact_or_refused():
+    from llava_manager.checkpoint_replay import hooks_run_inside_checkpoint
+
+    layer_class = type(tiny_model().model.language_model.layers[0])
+    if hooks_run_inside_checkpoint(layer_class):  # transformers < 5.23
+        with pytest.raises(ManagerError, match="use_reentrant"):
+            _gradients("static", {"use_reentrant": True})
+        return
+    plain, checkpointed = _gradients("static"), _gradients("static", {"use_reentrant": True})
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_inputs_embeds_path_matches_input_ids():
