@@ -84,30 +84,11 @@ def _parse_dtype(value: Any):
 
 
 def load_model_and_processor(pretrained: str, subfolder: str | None = None, revision: str | None = None, **hf_kwargs):
-    """`llava_manager.from_pretrained`, or the Auto classes where that loader is not available.
+    """`llava_manager.from_pretrained`: an HF-format directory (`save_pretrained` of a patched model and its
+    processor) or Hub repo, or a released LLaVA-NeXT-format checkpoint (converted once and cached)."""
+    from llava_manager import from_pretrained
 
-    For an HF-format directory (`save_pretrained` of a patched model and its processor) both are
-    the same; the loader also converts the released LLaVA-NeXT-format checkpoints.
-    """
-    import llava_manager  # registers the llava_onevision_manager model type with the Auto classes
-
-    loader = getattr(llava_manager, "from_pretrained", None)
-    if loader is None:
-        try:
-            from llava_manager.hub import from_pretrained as loader
-        except ModuleNotFoundError as error:
-            if error.name != "llava_manager.hub":
-                raise
-            loader = None
-    if loader is not None:
-        return loader(pretrained, subfolder=subfolder, revision=revision, **hf_kwargs)
-
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    location = {key: value for key, value in {"subfolder": subfolder, "revision": revision}.items() if value}
-    model = AutoModelForImageTextToText.from_pretrained(pretrained, **location, **hf_kwargs)
-    processor = AutoProcessor.from_pretrained(pretrained, **location)
-    return model, processor
+    return from_pretrained(pretrained, subfolder=subfolder, revision=revision, **hf_kwargs)
 
 
 class LlavaManager(lmms):

@@ -111,7 +111,7 @@ def load_model_and_processor(recipe: Recipe):
     Checkpoints load in bf16 for DeepSpeed bf16 runs (DeepSpeed keeps fp32 master weights), else in fp32."""
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     import llava_manager  # noqa: F401  (registers the llava_onevision_manager model type)
 
@@ -135,30 +135,12 @@ def load_model_and_processor(recipe: Recipe):
         model.name_or_path = ""  # a random model: not the config file (PEFT would look for weights there)
         processor = _processor_for(recipe, config)
     else:
+        from llava_manager import from_pretrained as load
+
         try:
-            from llava_manager import from_pretrained as load
-        except ImportError:
-            load = None
-        if load is None:
-            try:
-                config = AutoConfig.from_pretrained(recipe.model_name_or_path, subfolder=recipe.model_subfolder or "")
-            except Exception as error:  # noqa: BLE001  (any failure: report it against the recipe key)
-                raise RecipeError(
-                    f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r}: cannot read its config ({error})"
-                ) from None
-            if config.model_type not in ("llava_onevision", "llava_onevision_manager"):
-                raise RecipeError(
-                    f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r} is a {config.model_type!r} "
-                    "model, not LLaVA-OneVision"
-                )
-            kwargs = {"subfolder": recipe.model_subfolder} if recipe.model_subfolder else {}
-            model = AutoModelForImageTextToText.from_pretrained(recipe.model_name_or_path, dtype=dtype, **kwargs)
-            processor = AutoProcessor.from_pretrained(recipe.model_name_or_path, **kwargs)
-        else:
-            try:
-                model, processor = load(recipe.model_name_or_path, subfolder=recipe.model_subfolder, dtype=dtype)
-            except ManagerError as error:
-                raise RecipeError(f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r}: {error}") from None
+            model, processor = load(recipe.model_name_or_path, subfolder=recipe.model_subfolder, dtype=dtype)
+        except ManagerError as error:
+            raise RecipeError(f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r}: {error}") from None
         if recipe.processor is not None:
             processor = _processor_for(recipe, model.config)
     if not isinstance(model, llava_cls):
