@@ -4,7 +4,7 @@
     model = patch_llava(model, ManagerConfig())
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 
 def _transformers_requirement():

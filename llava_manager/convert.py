@@ -334,7 +334,7 @@ def load_original(
         A `LlavaOnevisionManagerForConditionalGeneration` in eval mode: Managers as saved (or none for the
         `Baseline` checkpoints) and the original image layout (truncating unpad; square mode without grids).
     """
-    from .patch import _patch
+    from .patch import patch_llava
 
     checkpoint_dir = Path(path)
     config_file = checkpoint_dir / "config.json"
@@ -369,7 +369,7 @@ def load_original(
         model = LlavaOnevisionForConditionalGeneration._from_config(
             hf_config, dtype=dtype, attn_implementation=attn_implementation
         )
-    _patch(model, manager_config, layout)
+    patch_llava(model, manager_config, layout=layout, managers=manager_config is not None)
     _load_mapped(model, state_dict, tied=hf_config.tie_word_embeddings, square=layout.mode == "square", dtype=dtype)
     return model.eval()
 

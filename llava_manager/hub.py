@@ -493,7 +493,7 @@ def convert_checkpoint(
 def _convert_into(source, checkpoint, pickles, out: Path, *, tokenizer, bar: _Progress, weight_bytes: int) -> None:
     import transformers
 
-    from . import __version__
+    from .version import __version__
     from .convert import load_original
     from .processor import build_processor, crop_mode_for, prepare_tokenizer
 
@@ -574,7 +574,7 @@ def cache_entry(source: ResolvedSource, root: Path, variant: str = "") -> Path:
 
     `variant` distinguishes conversions of the same source with other settings (e.g. another tokenizer).
     """
-    from . import __version__
+    from .version import __version__
 
     base = Path(root) / f"v{__version__}"
     if source.repo_id is not None:

@@ -21,6 +21,7 @@ from transformers import (
     LlavaOnevisionModel,
 )
 
+from .attach import attach_from_config, llava_model_of
 from .managers import init_manager_weights
 
 MODEL_TYPE = "llava_onevision_manager"
@@ -57,9 +58,10 @@ class _ManagerModelMixin:
     config_class = LlavaOnevisionManagerConfig
 
     def post_init(self):
-        from .patch import attach_from_config
-
         attach_from_config(self)
+        inner = llava_model_of(self)
+        if type(inner) is LlavaOnevisionModel:  # the ForConditionalGeneration class's inner model: init the Managers
+            inner.__class__ = LlavaOnevisionManagerModel
         super().post_init()
 
     @classmethod

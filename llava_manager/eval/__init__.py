@@ -11,8 +11,7 @@ imports nothing heavy: lmms-eval loads the manifest while it builds its own mode
 
 from __future__ import annotations
 
-MODEL_ID = "llava_manager"
-MODEL_CLASS_PATH = "llava_manager.eval.model.LlavaManager"
+from .names import MODEL_CLASS_PATH, MODEL_ID  # noqa: F401  (re-exported)
 
 
 def register(overwrite: bool = True) -> None:

@@ -11,6 +11,6 @@ only `lmms_eval.models.registry_v2` (already loaded by then) and nothing of ours
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from . import MODEL_CLASS_PATH, MODEL_ID
+from .names import MODEL_CLASS_PATH, MODEL_ID
 
 MANIFEST = ModelManifest(model_id=MODEL_ID, simple_class_path=MODEL_CLASS_PATH)
