@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .chat_format import user_prompt
 from .config import ManagerError
 
 
@@ -48,11 +49,7 @@ def build_prompt(processor, num_images: int, question: str) -> str:
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    images = "".join("<image>\n" for _ in range(num_images))
-    return (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        f"<|im_start|>user\n{images}{question}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    return user_prompt(question, num_images)
 
 
 def _generation_kwargs(model, processor, max_new_tokens: int, temperature: float) -> dict:

@@ -32,36 +32,15 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 
 from .config import ImageLayout, ManagerError
+from .chat_format import CHAT_TEMPLATE, SYSTEM_PROMPT  # noqa: F401  (SYSTEM_PROMPT: re-exported)
 from .convert import ConversionError
 from .modeling import LlavaOnevisionManagerConfig
 from .packing import kept_size, parse_max_crops
 
-SYSTEM_PROMPT = "You are a helpful assistant."
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
 CROP_MODES = ("anyres", "square", "pad")
 
-# Qwen ChatML as LLaVA-OV's `qwen_1_5` conversation writes it: a default system turn, and in a user turn
-# the images first, each followed by "\n", then the text:
-#   <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n
-#   <|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\n
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'video' %}<video>\n{% endif %}{% endfor %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 class LlavaOnevisionManagerImageProcessorKwargs(LlavaOnevisionImageProcessorKwargs, total=False):

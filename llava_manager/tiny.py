@@ -17,7 +17,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from .processor import CHAT_TEMPLATE, SYSTEM_PROMPT  # noqa: E402,F401  (Qwen ChatML, `qwen_1_5`)
+from .chat_format import CHAT_TEMPLATE, SYSTEM_PROMPT  # noqa: E402,F401  (Qwen ChatML, `qwen_1_5`)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<unk>"]
 

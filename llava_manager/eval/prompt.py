@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-IMAGE_PLACEHOLDER = "<image>"
-SYSTEM_PROMPT = "You are a helpful assistant."
+from llava_manager.chat_format import IM_END, IM_START, IMAGE_PLACEHOLDER, SYSTEM_PROMPT
 
 
 @dataclass(frozen=True)
@@ -26,8 +25,8 @@ class ChatMLTemplate:
     """A LLaVA-NeXT `SeparatorStyle.CHATML` conversation template."""
 
     system: str
-    roles: tuple[str, str] = ("<|im_start|>user", "<|im_start|>assistant")
-    sep: str = "<|im_end|>"
+    roles: tuple[str, str] = (f"{IM_START}user", f"{IM_START}assistant")
+    sep: str = IM_END
 
     def render(self, turns: list[tuple[int, str]], *, add_generation_prompt: bool = True) -> str:
         """`turns` are (role index, text) pairs; role 0 is the user, 1 the assistant."""
@@ -41,8 +40,8 @@ class ChatMLTemplate:
 
 # LLaVA-NeXT registers the same ChatML conversation as "qwen_1_5" and "qwen_2".
 CONV_TEMPLATES: dict[str, ChatMLTemplate] = {
-    "qwen_1_5": ChatMLTemplate(system=f"<|im_start|>system\n{SYSTEM_PROMPT}"),
-    "qwen_2": ChatMLTemplate(system=f"<|im_start|>system\n{SYSTEM_PROMPT}"),
+    "qwen_1_5": ChatMLTemplate(system=f"{IM_START}system\n{SYSTEM_PROMPT}"),
+    "qwen_2": ChatMLTemplate(system=f"{IM_START}system\n{SYSTEM_PROMPT}"),
 }
 
 

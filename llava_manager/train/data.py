@@ -31,10 +31,11 @@ from typing import Any
 import torch
 import yaml
 
+from .. import chat_format
 from ..config import ManagerError
 
 IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PLACEHOLDER = chat_format.IMAGE_PLACEHOLDER
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SAMPLING_STRATEGIES = ("all", "first", "end", "random")
 
@@ -303,15 +304,15 @@ class ConversationEncoder:
         system = self.system_prompt
         if turns[0]["from"] == "system":
             system = turns.pop(0)["value"]
-        segments = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
+        segments = [(chat_format.turn("system", system), False)]
         for turn in turns:
             if turn["from"] == "user":
-                segments.append((f"<|im_start|>user\n{turn['value']}<|im_end|>\n", False))
-            else:
+                segments.append((chat_format.turn("user", turn["value"]), False))
+            else:  # the answer and its end marker are learned; the "\n" after it is not
                 segments += [
-                    ("<|im_start|>assistant\n", False),
+                    (chat_format.header("assistant"), False),
                     (turn["value"], True),
-                    ("<|im_end|>", True),
+                    (chat_format.IM_END, True),
                     ("\n", False),
                 ]
         return segments

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from ..chat_format import SYSTEM_PROMPT
 from ..config import ManagerConfig, ManagerError
 
 PARTS = ("manager", "projector", "vision_tower", "language_model")
@@ -101,7 +102,7 @@ class Recipe:
     image_folder: str | None = field(default=None, metadata={"help": "folder the samples' image paths are relative to"})
     model_max_length: int = field(default=2048, metadata={"help": "tokens per sample; longer samples are truncated"})
     conv_template: str = field(default="qwen_1_5", metadata={"help": "qwen_1_5 (ChatML) | plain (captions)"})
-    system_prompt: str = field(default="You are a helpful assistant.", metadata={"help": "ChatML system message"})
+    system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "ChatML system message"})
     check_images: str = field(
         default="exists",
         metadata={"help": "before training: none | exists (stat every image) | open (decode every image)"},
