@@ -84,7 +84,6 @@ def attach(model, config: ManagerConfig | None, layout: ImageLayout) -> PatchRec
             stack = build_stack(config, width, reference=llava.multi_modal_projector.linear_1.weight)
             stack.train(llava.training)  # a new module starts in training mode; follow the model's
             llava.manager = stack
-        if config is not None:
             scope = ForwardScope(llava)
         features = ImageFeatureComputer(llava, stack, config, layout, scope)
         llava.get_image_features = features

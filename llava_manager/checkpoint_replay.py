@@ -44,7 +44,7 @@ def hooks_run_inside_checkpoint(layer_class: type) -> bool:
     return False
 
 
-def plan_for_layer(layer: nn.Module, hidden: torch.Tensor, plan, planned_with_grad: bool):
+def plan_for_layer(layer: nn.Module, hidden: torch.Tensor, plan):
     """The injection plan a decoder-layer pre-hook should use: the forward's own, or, when the backward replays a
     checkpointed layer, the one pinned to its input."""
     replay = getattr(hidden, _PLAN_ATTRIBUTE, None)
@@ -53,7 +53,7 @@ def plan_for_layer(layer: nn.Module, hidden: torch.Tensor, plan, planned_with_gr
     checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training
     if plan is None or not checkpointed or not hooks_run_inside_checkpoint(type(layer)):
         return plan
-    if planned_with_grad and not torch.is_grad_enabled():  # the first, no-grad pass of a reentrant checkpoint
+    if plan.grad_enabled and not torch.is_grad_enabled():  # the first, no-grad pass of a reentrant checkpoint
         raise ManagerError(REENTRANT_UNSUPPORTED)
     setattr(hidden, _PLAN_ATTRIBUTE, plan)
     return plan

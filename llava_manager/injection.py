@@ -199,7 +199,7 @@ class LLMInjection:
             hidden = args[0] if args else kwargs["hidden_states"]
             state = self.scope.current()
             plan = state.plan if state is not None else None
-            plan = plan_for_layer(module, hidden, plan, plan.grad_enabled if plan is not None else False)
+            plan = plan_for_layer(module, hidden, plan)
             if plan is None:
                 return None
             flat = hidden.reshape(-1, hidden.shape[-1])  # (B * L, D)

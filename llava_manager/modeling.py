@@ -59,9 +59,7 @@ class _ManagerModelMixin:
 
     def post_init(self):
         attach_from_config(self)
-        inner = llava_model_of(self)
-        if type(inner) is LlavaOnevisionModel:  # the ForConditionalGeneration class's inner model: init the Managers
-            inner.__class__ = LlavaOnevisionManagerModel
+        use_manager_classes(self)  # the inner LlavaOnevisionModel too, whose _init_weights initialises the Managers
         super().post_init()
 
     @classmethod
@@ -139,6 +137,15 @@ MANAGER_CLASS_OF = {
     LlavaOnevisionModel: LlavaOnevisionManagerModel,
     LlavaOnevisionForConditionalGeneration: LlavaOnevisionManagerForConditionalGeneration,
 }
+
+
+def use_manager_classes(model, managers: bool = True) -> None:
+    """transformers' LLaVA-OV classes -> their registered Manager subclasses (or back, `managers=False`), for `model`
+    and its LlavaOnevisionModel. Other subclasses keep their class."""
+    mapping = MANAGER_CLASS_OF if managers else {ours: theirs for theirs, ours in MANAGER_CLASS_OF.items()}
+    for module in {id(m): m for m in (model, llava_model_of(model))}.values():
+        if type(module) in mapping:
+            module.__class__ = mapping[type(module)]
 
 
 def _register() -> None:

@@ -14,7 +14,7 @@ from transformers import LlavaOnevisionConfig, PreTrainedModel
 
 from .attach import attach, detach, is_patched, llava_model_of, patch_record
 from .config import ImageLayout, ManagerConfig, ManagerError
-from .modeling import MANAGER_CLASS_OF, LlavaOnevisionManagerConfig
+from .modeling import LlavaOnevisionManagerConfig, use_manager_classes
 
 __all__ = ["is_patched", "patch_llava", "patch_record", "unpatch_llava"]
 
@@ -90,7 +90,7 @@ def _patch(model, config: ManagerConfig | None, layout: ImageLayout):
     record = attach(model, resolved, layout)  # on failure it has undone its own steps
     record.original_config = original_config
     _swap_config(model, original_config, new_config)
-    _swap_classes(model, to_managers=True)
+    use_manager_classes(model)
     return model
 
 
@@ -98,15 +98,6 @@ def _swap_config(model, old, new) -> None:
     for module in model.modules():
         if getattr(module, "config", None) is old:
             module.config = new
-
-
-def _swap_classes(model, *, to_managers: bool) -> None:
-    """transformers' LLaVA-OV classes <-> their registered Manager subclasses, for `model` and its
-    LlavaOnevisionModel (other subclasses keep their class)."""
-    mapping = MANAGER_CLASS_OF if to_managers else {v: k for k, v in MANAGER_CLASS_OF.items()}
-    for module in {id(m): m for m in (model, llava_model_of(model))}.values():
-        if type(module) in mapping:
-            module.__class__ = mapping[type(module)]
 
 
 def unpatch_llava(model):
@@ -126,7 +117,7 @@ def unpatch_llava(model):
             original_config.__dict__.pop(name, None)
     detach(model)
     _swap_config(model, model.config, original_config)
-    _swap_classes(model, to_managers=False)
+    use_manager_classes(model, managers=False)
     return model
 
 
