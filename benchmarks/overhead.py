@@ -100,7 +100,7 @@ def _qwen2(hidden, intermediate, heads, kv_heads, layers, vocab):
 
 
 PRESETS = {
-    # llava_manager.tiny's widths; pinpoints up to 6x6 crops so that every image mode exists
+    # llava_manager.testing.tiny's widths; pinpoints up to 6x6 crops so that every image mode exists
     "tiny": Preset(
         vision=_siglip(32, 64, 4, 4, 32, 8),
         text=_qwen2(64, 128, 4, 2, 4, 256),

@@ -36,15 +36,15 @@ def _check_transformers_version() -> None:
 
 _check_transformers_version()
 
-from .config import ImageLayout, ManagerConfig, ManagerConfigError, ManagerError  # noqa: E402
+from .config import ImageLayout, ManagerConfig  # noqa: E402
+from .errors import ConversionError, HubError, ManagerConfigError, ManagerError  # noqa: E402
 from .modeling import (  # noqa: E402  (registers the model type with the Auto classes)
     LlavaOnevisionManagerConfig,
     LlavaOnevisionManagerForConditionalGeneration,
     LlavaOnevisionManagerModel,
 )
 from . import processor as _processor  # noqa: E402,F401  (registers the processor classes with the Auto classes)
-from .convert import ConversionError, load_original  # noqa: E402
-from .hub import HubError, from_pretrained  # noqa: E402
+from .checkpoint import from_pretrained, load_original  # noqa: E402
 from .patch import is_patched, patch_llava, unpatch_llava  # noqa: E402
 
 __all__ = [

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlavaOnevisionModel
 
-from .config import ImageLayout, ManagerConfig, ManagerError
+from .config import ImageLayout, ManagerConfig
+from .errors import ManagerError
 from .features import ImageFeatureComputer
 from .forward_state import ForwardScope
 from .injection import LLMInjection, ProjectorIdleRun
@@ -36,6 +37,15 @@ class PatchRecord:
         for part in (self.injection, self.features, self.scope):
             if part is not None:
                 part.remove()
+
+
+def unwrap(model):
+    """The model inside DeepSpeed / DDP / accelerate (`.module`) and PEFT (`get_base_model()`) wrappers."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
 
 
 def llava_model_of(model) -> LlavaOnevisionModel | None:

@@ -14,11 +14,7 @@ from pathlib import Path
 import torch
 
 from .chat_format import user_prompt
-from .config import ManagerError
-
-
-class ImageError(ManagerError):
-    """An image that does not exist or cannot be decoded (the message names the file)."""
+from .errors import ImageError, ManagerError  # noqa: F401  (ImageError: re-exported)
 
 
 def load_images(paths: list[str | os.PathLike]) -> list:

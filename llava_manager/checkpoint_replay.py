@@ -20,7 +20,7 @@ import functools
 import torch
 from torch import nn
 
-from .config import ManagerError
+from .errors import ManagerError
 
 _PLAN_ATTRIBUTE = "_llava_manager_plan"
 

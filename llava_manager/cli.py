@@ -7,11 +7,9 @@ import argparse
 import importlib
 import sys
 
+from .errors import CommandError  # noqa: F401  (re-exported: its old home)
+
 SUBCOMMANDS = ["train", "convert", "chat", "inspect", "demo"]
-
-
-class CommandError(Exception):
-    """An error to show the user as one or two lines (no traceback unless --debug)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,19 +13,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .errors import ManagerConfigError, ManagerError  # noqa: F401  (re-exported: their old home)
+
 MANAGER_TYPES = ("static", "adaptive", "adaptive_last", "adaptive_average", "adaptive_cross")
 INJECTIONS = ("llm", "projector")
 GRIDS = ("all", "base", "grid")
 LAYOUT_MODES = ("anyres", "square")
 UNPAD_MODES = ("round", "truncate")
-
-
-class ManagerError(ValueError):
-    """Base class of every error llava-manager raises on bad input."""
-
-
-class ManagerConfigError(ManagerError):
-    """A `ManagerConfig` / `ImageLayout` value that does not fit (the model)."""
 
 
 def _bad(field_name: str, value: Any, allowed: str) -> ManagerConfigError:

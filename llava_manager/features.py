@@ -163,12 +163,8 @@ class ImageFeatureComputer:
 
     def _crop_is_managed(self, crops_per_image: list[int], device) -> torch.Tensor:
         """(crops,) bool: which crops the `grid` setting gives to the Managers (crop 0 of an image is its base)."""
-        flags = []
-        for n in crops_per_image:
-            for crop in range(n):
-                is_base = crop == 0
-                flags.append(self.config.grid == "all" or (self.config.grid == "base") == is_base)
-        return torch.tensor(flags, device=device)
+        is_base = torch.tensor([crop == 0 for n in crops_per_image for crop in range(n)], device=device)
+        return managed_by_grid(self.config.grid, is_base)
 
     def _vision_residual(self, layer_stack: torch.Tensor, crops_per_image: list[int]) -> torch.Tensor:
         """injection="projector": zero-init residual in SigLIP space, on the managed crops. -> (crops, P, C)"""
@@ -229,26 +225,21 @@ class ImageFeatureComputer:
             first_rows.append(first_rows[-1] + n * tokens)
         rows = torch.cat([torch.where(s < 0, s, s + first) for s, first in zip(sources, first_rows)])  # (T,), -1: newline
         is_newline = rows < 0
-        if self.config.grid == "all":
-            managed = torch.ones_like(is_newline)
-        else:
-            position = torch.cat([torch.arange(s.shape[0]) for s in sources])  # index of each token within its image
-            managed = position < tokens if self.config.grid == "base" else position >= tokens  # base tokens come first
+        position = torch.cat([torch.arange(s.shape[0]) for s in sources])  # index of each token within its image
+        managed = managed_by_grid(self.config.grid, position < tokens)  # an image's base tokens come first
+        keep = managed & ~is_newline  # the tokens that copy a crop row
+        kept_rows = rows[keep]  # (T_kept,)
 
         device = layer_stack.device
         crop_rows = layer_stack.reshape(crops * tokens, num_layers, layer_stack.shape[-1])  # (crops * P, N, C)
-        if self.config.grid == "all":
-            # a newline row takes a stand-in row (cheaper than a scatter afterwards) and is overwritten below
-            source_rows = rows.clamp(min=0).to(device)
-            if not is_newline.any() and torch.equal(rows, torch.arange(crops * tokens)):
-                features = self._project_layers(crop_rows)  # one crop per image, no newline (square): no gather
-            elif rows.shape[0] < crops * tokens:  # unpadding dropped rows: gather the C-wide rows, project fewer
-                features = self._project_layers(crop_rows.index_select(0, source_rows))  # (T, N, D)
-            else:  # nothing dropped: project every row, then gather the narrower D-wide rows
-                features = self._project_layers(crop_rows).index_select(0, source_rows)  # (T, N, D)
-        else:
-            keep = managed & ~is_newline
-            projected = self._project_layers(crop_rows.index_select(0, rows[keep].to(device)))  # (T_kept, N, D)
+        every_token_managed = bool(managed.all())
+        if every_token_managed and torch.equal(rows, torch.arange(crops * tokens)):
+            features = self._project_layers(crop_rows)  # one crop per image, no newline (square): no gather
+        elif every_token_managed and kept_rows.shape[0] == crops * tokens:  # every crop row is used: project them
+            # all, then gather the narrower D-wide rows; a newline row takes a stand-in row, overwritten below
+            features = self._project_layers(crop_rows).index_select(0, rows.clamp(min=0).to(device))  # (T, N, D)
+        else:  # unpadding or the grid span drops rows: project only the kept ones, then place them
+            projected = self._project_layers(crop_rows.index_select(0, kept_rows.to(device)))  # (T_kept, N, D)
             features = projected.new_zeros(rows.shape[0], num_layers, projected.shape[-1])
             features = features.index_copy(0, keep.nonzero().squeeze(1).to(device), projected)  # (T, N, D)
         if newline is not None:
@@ -275,5 +266,20 @@ class ImageFeatureComputer:
     def _token_is_managed(self, num_tokens: int, base_tokens: int, like: torch.Tensor) -> torch.Tensor:
         """(T_i, 1) 0/1 factor: the base crop's tokens come first, everything after belongs to the grid."""
         is_base = torch.arange(num_tokens, device=like.device) < base_tokens
-        managed = is_base if self.config.grid == "base" else ~is_base
-        return managed[:, None].to(like.dtype)
+        return managed_by_grid(self.config.grid, is_base)[:, None].to(like.dtype)
+
+
+def managed_by_grid(grid: str, is_base: torch.Tensor) -> torch.Tensor:
+    """Which crops or tokens the `grid` setting gives to the Managers (the one place that knows the span).
+
+    Args:
+        grid (`str`): `"all"` (every crop and token), `"base"` (the base crop's) or `"grid"` (the AnyRes grid's, its
+            newline tokens included).
+        is_base (`torch.Tensor` of bool): per crop or token, whether it belongs to the image's base crop.
+
+    Returns:
+        `torch.Tensor` of bool, the shape of `is_base`.
+    """
+    if grid == "all":
+        return torch.ones_like(is_base)
+    return is_base if grid == "base" else ~is_base

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint_replay import plan_for_layer
-from .config import ManagerError
+from .errors import ManagerError
 from .forward_state import ForwardScope, ForwardState
 from .managers import AdaptiveManager, ManagerStack, QueryContext
 

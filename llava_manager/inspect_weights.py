@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ManagerError
+from .attach import llava_model_of, unwrap
+from .errors import ManagerError
 from .managers import AdaptiveManager, ManagerStack, StaticManager
 
 
@@ -60,12 +61,8 @@ class ManagerWeights:
 
 def find_manager_stack(model) -> ManagerStack:
     """The `ManagerStack` of a patched model (also inside PEFT / DeepSpeed wrappers); `ManagerError` if none."""
-    seen = model
-    while hasattr(seen, "module") and isinstance(seen.module, torch.nn.Module):
-        seen = seen.module
-    if hasattr(seen, "get_base_model"):
-        seen = seen.get_base_model()
-    stack = getattr(getattr(seen, "model", None), "manager", None)
+    llava = llava_model_of(unwrap(model))
+    stack = getattr(llava, "manager", None)
     if not isinstance(stack, ManagerStack):
         raise ManagerError(
             "this model has no Managers (an unpatched or Baseline checkpoint), so there are no Manager weights to "
@@ -274,7 +271,7 @@ def load_manager_weights(path_or_hub_id: str, subfolder: str | None = None, **fr
 
     HF-format folders with Managers are read directly (config and Manager tensors only); anything else goes
     through `from_pretrained` (converting original-format checkpoints, cached)."""
-    from .hub import detect_format, resolve
+    from .checkpoint import detect_format, resolve
 
     source = resolve(path_or_hub_id, subfolder, from_pretrained_kwargs.pop("revision", None),
                      **{k: v for k, v in from_pretrained_kwargs.items() if k in ("cache_dir", "token", "local_files_only")})
@@ -286,7 +283,7 @@ def load_manager_weights(path_or_hub_id: str, subfolder: str | None = None, **fr
             f"{source.description} is a checkpoint without Managers ({checkpoint.description}); there are no "
             "Manager weights to inspect"
         )
-    from .hub import from_pretrained
+    from .checkpoint import from_pretrained
 
     model, _ = from_pretrained(path_or_hub_id, subfolder, **from_pretrained_kwargs)
     return manager_weights(model)

@@ -83,7 +83,7 @@ class _ManagerModelMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' `from_pretrained`, strict about the Managers: weights that do not fit the config's
         `manager` settings, or Manager weights missing from the checkpoint, raise `ManagerError`."""
-        from .config import ManagerError
+        from .errors import ManagerError
 
         want_info = kwargs.pop("output_loading_info", False)
         try:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 
-from .config import ManagerConfigError
+from .errors import ManagerConfigError
 
 
 def parse_max_crops(vision_aspect_ratio: str) -> int | None:
@@ -64,6 +64,17 @@ def shrunk_size(height: int, width: int, side: int, max_crops: int | None) -> tu
     if ratio <= 1.1:
         return None
     return int(height // ratio), int(width // ratio)
+
+
+def packed_grid_size(
+    height: int, width: int, original_hw: tuple[int, int], *, unpad_mode: str, side: int, max_crops: int | None
+) -> tuple[int, int]:
+    """Rows and columns of grid tokens (before newlines) that `pack_image` lays out for a stitched `height x width`
+    grid map: unpadded, then shrunk under `anyres_max_K`. The processor counts image tokens with this, so its count
+    and the model's layout cannot drift apart."""
+    rows, cols = unpadded_window(height, width, original_hw, unpad_mode)
+    kept_height, kept_width = len(range(height)[rows]), len(range(width)[cols])
+    return shrunk_size(kept_height, kept_width, side, max_crops) or (kept_height, kept_width)
 
 
 def pack_image(
@@ -139,10 +150,10 @@ def token_sources(
     if not square and num_crops > 1:
         side = math.isqrt(tokens_per_crop)
         rows, cols = get_anyres_image_grid_shape(image_size_hw, grid_pinpoints, crop_pixels)
-        kept_rows, kept_cols = unpadded_window(rows * side, cols * side, image_size_hw, unpad_mode)
-        kept_height = len(range(rows * side)[kept_rows])
-        kept_width = len(range(cols * side)[kept_cols])
-        if shrunk_size(kept_height, kept_width, side, max_crops) is not None:
+        unpadded_hw = packed_grid_size(
+            rows * side, cols * side, image_size_hw, unpad_mode=unpad_mode, side=side, max_crops=None
+        )
+        if shrunk_size(*unpadded_hw, side, max_crops) is not None:
             return None
     row_numbers = torch.arange(num_crops * tokens_per_crop).view(num_crops, tokens_per_crop, 1)
     newline = torch.tensor([-1]) if with_newline else None

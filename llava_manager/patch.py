@@ -13,7 +13,8 @@ import copy
 from transformers import LlavaOnevisionConfig, PreTrainedModel
 
 from .attach import attach, detach, is_patched, llava_model_of, patch_record
-from .config import ImageLayout, ManagerConfig, ManagerError
+from .config import ImageLayout, ManagerConfig
+from .errors import ManagerError
 from .modeling import LlavaOnevisionManagerConfig, use_manager_classes
 
 __all__ = ["is_patched", "patch_llava", "patch_record", "unpatch_llava"]

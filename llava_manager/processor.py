@@ -12,15 +12,12 @@ per image), so this module adds two small subclasses, registered with the Auto c
   original `pad`).
 - `LlavaOnevisionManagerProcessor`: counts image tokens exactly as the patched model packs them.
 
-`build_processor` assembles one from a tokenizer and a converted model's config.
+`llava_manager.checkpoint.assembly.build_processor` assembles one from a tokenizer and a model's config.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 from transformers import AutoImageProcessor, AutoProcessor, LlavaOnevisionProcessor
@@ -31,16 +28,15 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-from .config import ImageLayout, ManagerError
-from .chat_format import CHAT_TEMPLATE, SYSTEM_PROMPT  # noqa: F401  (SYSTEM_PROMPT: re-exported)
-from .convert import ConversionError
+from ._moved import forward_moved_names
+from .config import ImageLayout
+from .errors import ManagerError
 from .modeling import LlavaOnevisionManagerConfig
-from .packing import kept_size, parse_max_crops
+from .packing import packed_grid_size, parse_max_crops
 
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
 CROP_MODES = ("anyres", "square", "pad")
-
 
 
 class LlavaOnevisionManagerImageProcessorKwargs(LlavaOnevisionImageProcessorKwargs, total=False):
@@ -176,130 +172,21 @@ class LlavaOnevisionManagerProcessor(LlavaOnevisionProcessor):
         return self.num_image_tokens + unpadded + newlines
 
     def _get_unpadded_features(self, height, width, patches_height, patches_width, scale_height, scale_width):
-        """(grid tokens, newline tokens) after unpad (the layout's arithmetic) and the `anyres_max_N` shrink."""
-        current_height, current_width = patches_height * scale_height, patches_width * scale_width
-        if width / height > current_width / current_height:
-            new_height = kept_size(height, current_width / width, self.layout.unpad)
-            current_height -= (current_height - new_height) // 2 * 2
-        else:
-            new_width = kept_size(width, current_height / height, self.layout.unpad)
-            current_width -= (current_width - new_width) // 2 * 2
-        max_crops = parse_max_crops(self.vision_aspect_ratio)
-        if max_crops is not None:
-            ratio = math.sqrt(current_height * current_width / (max_crops * patches_height**2))
-            if ratio > 1.1:
-                current_height, current_width = int(current_height // ratio), int(current_width // ratio)
-        return current_height * current_width, current_height
+        """(grid tokens, newline tokens): `packing.packed_grid_size`, the arithmetic the model packs with."""
+        grid_height, grid_width = packed_grid_size(
+            patches_height * scale_height,
+            patches_width * scale_width,
+            (height, width),
+            unpad_mode=self.layout.unpad,
+            side=patches_height,
+            max_crops=parse_max_crops(self.vision_aspect_ratio),
+        )
+        return grid_height * grid_width, grid_height
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor" and argument is None:  # torchvision missing: no video processor
             return None
         return super().check_argument_for_proper_class(argument_name, argument)
-
-
-# ---- assembly ------------------------------------------------------------------------------------------------
-
-TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def crop_mode_for(original_config: dict) -> str:
-    """The image processor's `crop_mode` for an original config's `image_aspect_ratio`."""
-    aspect = original_config.get("image_aspect_ratio") or "square"
-    if aspect.startswith("anyres"):
-        return "anyres"
-    if aspect in ("square", "pad"):
-        return aspect
-    raise ConversionError(
-        f"image_aspect_ratio={aspect!r} is not supported: the released checkpoints use 'anyres_max_9', 'anyres', "
-        "'square' or 'pad'"
-    )
-
-
-def prepare_tokenizer(tokenizer_or_path, original_config: dict | None = None):
-    """The checkpoint's tokenizer with `<image>` / `<video>` (added after the vocabulary when missing), left
-    padding (for batched generation) and the `qwen_1_5` chat template. A given tokenizer object is copied."""
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer, PretrainedConfig
-
-    if isinstance(tokenizer_or_path, (str, os.PathLike)):
-        path = Path(tokenizer_or_path)
-        if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILE_NAMES):
-            raise ConversionError(
-                f"{path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); pass tokenizer= a "
-                "tokenizer or its folder (the released models use Qwen/Qwen2-0.5B-Instruct's)"
-            )
-        # An original config.json beside the tokenizer says model_type "qwen2", which would make AutoTokenizer
-        # pick Qwen2Tokenizer whatever tokenizer_config.json declares: an empty config lets the declared class win.
-        hint = {"config": PretrainedConfig()} if (path / "config.json").is_file() else {}
-        try:  # a folder, or a Hub id (AutoTokenizer then fetches the tokenizer files only)
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_or_path), **hint)
-        except Exception as error:
-            raise ConversionError(f"the tokenizer {os.fspath(tokenizer_or_path)!r} cannot be loaded: {error}") from None
-    else:
-        tokenizer = copy.deepcopy(tokenizer_or_path)
-    missing = [token for token in ("<image>", "<video>") if token not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-    if original_config is not None and "vocab_size" in original_config:
-        rows = original_config["vocab_size"]
-        too_large = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")}
-        too_large = {t: i for t, i in too_large.items() if i >= rows}
-        if too_large:
-            raise ConversionError(
-                f"the tokenizer's ids {too_large} do not fit the model's {rows}-row embedding; give the tokenizer "
-                "<image> and <video> tokens with ids below that"
-            )
-        if original_config.get("tokenizer_model_max_length"):
-            tokenizer.model_max_length = original_config["tokenizer_model_max_length"]
-    for loading_option in ("is_local", "local_files_only"):  # from_pretrained leaks these into the saved config
-        tokenizer.init_kwargs.pop(loading_option, None)
-    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: saved with the tokenizer
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_processor(model_config, tokenizer, *, crop_mode: str | None = None) -> LlavaOnevisionManagerProcessor:
-    """A processor whose preprocessing and image-token counts match `model_config` (a converted model's config).
-
-    Args:
-        model_config (`LlavaOnevisionConfig`): gives the crop size, patch size, pinpoints ((height, width), as
-            transformers), `vision_aspect_ratio`, `image_layout` and the `<image>` / `<video>` ids.
-        tokenizer (`PreTrainedTokenizerBase`): with `<image>` and `<video>` tokens (see `prepare_tokenizer`).
-        crop_mode (`str`, *optional*): `"anyres"`, `"square"` or `"pad"`; defaults to what the layout implies
-            (`"square"` for a square layout).
-    """
-    from transformers.utils import is_torchvision_available
-
-    layout = ImageLayout.from_dict(getattr(model_config, "image_layout", None))
-    crop_mode = crop_mode or ("square" if layout.mode == "square" else "anyres")
-    for token, expected in (("<image>", model_config.image_token_id), ("<video>", model_config.video_token_id)):
-        actual = tokenizer.convert_tokens_to_ids(token)
-        if actual != expected:
-            raise ManagerError(f"the tokenizer's {token} id {actual} differs from the model's {expected}")
-    vision = model_config.vision_config
-    size = {"height": vision.image_size, "width": vision.image_size}
-    image_processor = LlavaOnevisionManagerImageProcessor(
-        size=size,
-        image_grid_pinpoints=[list(p) for p in model_config.image_grid_pinpoints],
-        image_mean=SIGLIP_MEAN,
-        image_std=SIGLIP_STD,
-        crop_mode=crop_mode,
-    )
-    video_processor = None
-    if is_torchvision_available():
-        from transformers import LlavaOnevisionVideoProcessor
-
-        video_processor = LlavaOnevisionVideoProcessor(size=size, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
-    return LlavaOnevisionManagerProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
-        vision_feature_select_strategy=model_config.vision_feature_select_strategy,
-        vision_aspect_ratio=model_config.vision_aspect_ratio,
-        image_layout=layout.to_dict(),
-        chat_template=CHAT_TEMPLATE,
-    )
 
 
 def _register() -> None:
@@ -316,3 +203,15 @@ def _register() -> None:
 
 
 _register()
+
+
+__getattr__ = forward_moved_names(
+    __name__,
+    {
+        "crop_mode_for": "llava_manager.checkpoint.assembly",
+        "prepare_tokenizer": "llava_manager.checkpoint.assembly",
+        "build_processor": "llava_manager.checkpoint.assembly",
+        "CHAT_TEMPLATE": "llava_manager.chat_format",
+        "SYSTEM_PROMPT": "llava_manager.chat_format",
+    },
+)

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from .config import ManagerError
+from .errors import ManagerError
 
 
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:

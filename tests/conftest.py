@@ -63,13 +63,13 @@ def _reset_hf_deepspeed_config():
 
 @pytest.fixture
 def tiny_model():
-    from llava_manager.tiny import tiny_model as build
+    from llava_manager.testing.tiny import tiny_model as build
 
     return build()
 
 
 @pytest.fixture
 def tiny_processor():
-    from llava_manager.tiny import tiny_processor as build
+    from llava_manager.testing.tiny import tiny_processor as build
 
     return build()

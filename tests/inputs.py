@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from llava_manager.tiny import tiny_processor
+from llava_manager.testing.tiny import tiny_processor
 
 
 def picture(width: int, height: int, colour: str = "red", seed: int = 0) -> Image.Image:

@@ -10,6 +10,8 @@ CORE = {
     "packing", "patch", "version", "vision",
 }
 APPS = {"chat", "cli", "commands", "demo", "eval", "inspect_weights", "train"}
+GROUND_FLOOR = {"errors", "chat_format", "version"}  # import nothing of the package
+LIBRARY = {"checkpoint", "processor"}  # above the core, below the apps
 
 
 def _modules() -> dict[str, Path]:
@@ -79,7 +81,7 @@ def test_the_graph_reader_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
     assert "llava_manager.attach" in graph["llava_manager.patch"]  # lazy and top-level imports both count
-    assert "llava_manager.patch" in graph["llava_manager.convert"]
+    assert "llava_manager.patch" in graph["llava_manager.checkpoint.original"]
 
 
 def test_no_import_cycle():
@@ -91,3 +93,13 @@ def test_the_core_imports_no_app():
     for module in CORE:
         apps = {t for t in graph[f"llava_manager.{module}"] if t.split(".")[1] in APPS}
         assert not apps, (module, apps)
+
+
+def test_the_ground_floor_imports_nothing_and_the_library_no_app():
+    graph = import_graph()
+    for module in GROUND_FLOOR:
+        assert graph[f"llava_manager.{module}"] == set(), module
+    for name, imported in graph.items():
+        if name.split(".")[1:2] and name.split(".")[1] in LIBRARY:
+            apps = {t for t in imported if t.split(".")[1] in APPS}
+            assert not apps, (name, apps)

@@ -92,7 +92,7 @@ def _lockstep():
 def test_lockstep_alternates_layer_by_layer_in_forward_and_backward():
     import torch
 
-    from llava_manager.tiny import tiny_model
+    from llava_manager.testing.tiny import tiny_model
 
     lockstep = _lockstep()
     models = [tiny_model(), tiny_model()]
@@ -121,7 +121,7 @@ def test_lockstep_alternates_layer_by_layer_in_forward_and_backward():
 def test_lockstep_reraises_a_side_error_and_removes_its_hooks():
     import torch
 
-    from llava_manager.tiny import tiny_model
+    from llava_manager.testing.tiny import tiny_model
 
     lockstep = _lockstep()
     models = [tiny_model(), tiny_model()]

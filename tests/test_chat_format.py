@@ -2,7 +2,7 @@
 
 from llava_manager.chat_format import SYSTEM_PROMPT, turn, user_prompt
 from llava_manager.eval.prompt import CONV_TEMPLATES
-from llava_manager.tiny import tiny_processor
+from llava_manager.testing.tiny import tiny_processor
 
 
 def test_the_processor_template_and_the_eval_template_write_the_same_prompt():

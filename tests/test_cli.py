@@ -13,7 +13,7 @@ from PIL import Image
 from hub_stand_in import ORACLE_DIR, TOWER, write_checkpoint
 from llava_manager import ManagerConfig, patch_llava
 from llava_manager.cli import SUBCOMMANDS, build_parser, main
-from llava_manager.tiny import tiny_model, tiny_processor
+from llava_manager.testing.tiny import tiny_model, tiny_processor
 from test_patch import perturb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
 from llava_manager import ImageLayout, ManagerConfig, ManagerConfigError
 from llava_manager.config import default_vision_layers
-from llava_manager.tiny import tiny_config
+from llava_manager.testing.tiny import tiny_config
 
 
 def _real_depth_config():

@@ -15,7 +15,7 @@ from llava_manager import (
     unpatch_llava,
 )
 from llava_manager import injection as injection_module
-from llava_manager.tiny import tiny_config, tiny_model
+from llava_manager.testing.tiny import tiny_config, tiny_model
 from test_patch import CONFIGS, hook_counts, perturb
 
 BARE_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")

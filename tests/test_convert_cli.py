@@ -26,7 +26,7 @@ from hub_stand_in import (
     write_checkpoint,
 )
 from llava_manager.cli import main
-from llava_manager.hub import MARKER
+from llava_manager.checkpoint.files import MARKER
 from llava_manager.processor import LlavaOnevisionManagerProcessor
 from oracle_cases import load_case, max_logit_diff
 

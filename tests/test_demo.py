@@ -12,7 +12,7 @@ from PIL import Image
 from llava_manager.cli import main
 from llava_manager.demo import run_demo, write_demo_dataset
 from llava_manager.demo.shapes import COLORS, POSITIONS, QUESTIONS, SHAPES
-from llava_manager.tiny import tiny_tokenizer
+from llava_manager.testing.tiny import tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -69,7 +69,7 @@ def tiny_manager_dir(tmp_path_factory):
     import torch
 
     from llava_manager import ManagerConfig, patch_llava
-    from llava_manager.tiny import tiny_model, tiny_processor
+    from llava_manager.testing.tiny import tiny_model, tiny_processor
 
     model = tiny_model(seed=1)
     model.config.tie_word_embeddings = False

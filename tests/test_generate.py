@@ -9,7 +9,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from inputs import single_image_batch, two_image_prompts_batch
 from llava_manager import ManagerConfig, patch_llava
-from llava_manager.tiny import tiny_model
+from llava_manager.testing.tiny import tiny_model
 from test_patch import perturb
 
 CONFIGS = {

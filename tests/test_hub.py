@@ -26,9 +26,9 @@ from hub_stand_in import (
     populate_hub_cache,
     zero_managers,
 )
-from llava_manager import hub
-from llava_manager.convert import ConversionError
-from llava_manager.hub import HubError, from_pretrained
+from llava_manager.checkpoint import conversion, files, formats, source
+from llava_manager.checkpoint import from_pretrained
+from llava_manager.errors import ConversionError, HubError
 from llava_manager.modeling import LlavaOnevisionManagerForConditionalGeneration
 from llava_manager.processor import LlavaOnevisionManagerProcessor
 from oracle_cases import load_case, max_logit_diff
@@ -117,18 +117,18 @@ def test_baseline_folders_load_as_plain_llava_ov(stand_in, converted_dir, grid):
 
 def test_a_second_load_converts_nothing(stand_in, converted_dir, monkeypatch):
     first, _ = load(stand_in, converted_dir, "Baseline + Grid + Manager")
-    entries = [p for p in files_under(converted_dir) if p.endswith(hub.MARKER)]
+    entries = [p for p in files_under(converted_dir) if p.endswith(files.MARKER)]
     assert len(entries) == 1 and stand_in.commit in entries[0]
 
     def fail(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(hub, "convert_checkpoint", fail)
+    monkeypatch.setattr(conversion, "convert_checkpoint", fail)
     for revision in (None, stand_in.commit):  # the branch and its commit hash share the entry
         again, _ = load(stand_in, converted_dir, "Baseline + Grid + Manager", revision=revision)
         for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items(), strict=True):
             assert torch.equal(a, b), name
-    assert [p for p in files_under(converted_dir) if p.endswith(hub.MARKER)] == entries
+    assert [p for p in files_under(converted_dir) if p.endswith(files.MARKER)] == entries
 
 
 def test_revisions(stand_in, converted_dir, tmp_path):
@@ -157,8 +157,8 @@ def test_local_folders_are_converted_and_cached_too(stand_in, converted_dir, tmp
     with torch.no_grad():
         assert max_logit_diff(case, model(**inputs).logits) <= 1e-4
     calls = []
-    real = hub.convert_checkpoint
-    monkeypatch.setattr(hub, "convert_checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = conversion.convert_checkpoint
+    monkeypatch.setattr(conversion, "convert_checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     from_pretrained(repo / "Baseline + Grid + Manager", conversion_cache_dir=converted_dir)
     assert calls == []  # same folder, same files: cached
     weights = repo / "Baseline + Grid + Manager" / "model.safetensors"
@@ -184,14 +184,14 @@ def test_a_tokenizer_from_the_caller(stand_in, converted_dir, tmp_path):
     other = oracle_tokenizer()
     other.add_tokens(["<extra>"])
     from_pretrained(folder, conversion_cache_dir=converted_dir, tokenizer=other)
-    assert len([p for p in files_under(converted_dir) if p.endswith(hub.MARKER)]) == 2
+    assert len([p for p in files_under(converted_dir) if p.endswith(files.MARKER)]) == 2
 
 
 def test_hf_format_folders_load_directly(stand_in, converted_dir, tmp_path, monkeypatch):
-    source = hub.resolve(REPO_ID, "Baseline + Manager", cache_dir=stand_in.cache)
-    out = hub.convert_checkpoint(source, tmp_path / "hf-format")
-    assert hub.detect_format(out).kind == "hf"
-    monkeypatch.setattr(hub, "convert_checkpoint", lambda *a, **k: pytest.fail("an HF-format folder was converted"))
+    resolved = source.resolve(REPO_ID, "Baseline + Manager", cache_dir=stand_in.cache)
+    out = conversion.convert_checkpoint(resolved, tmp_path / "hf-format")
+    assert formats.detect_format(out).kind == "hf"
+    monkeypatch.setattr(conversion, "convert_checkpoint", lambda *a, **k: pytest.fail("an HF-format folder was converted"))
     model, processor = from_pretrained(out, conversion_cache_dir=converted_dir)
     assert isinstance(model, LlavaOnevisionManagerForConditionalGeneration) and model.config.manager is not None
     assert processor.image_layout == {"mode": "square", "unpad": "truncate"}
@@ -244,12 +244,12 @@ def test_only_the_needed_files_are_downloaded():
             "special_tokens_map.json",
         )
     }
-    assert set(filter_repo_objects(listing, allow_patterns=hub.allow_patterns(sub))) == wanted
-    with_pickle = set(filter_repo_objects(listing, allow_patterns=hub.allow_patterns(sub, pickle=True)))
+    assert set(filter_repo_objects(listing, allow_patterns=source.allow_patterns(sub))) == wanted
+    with_pickle = set(filter_repo_objects(listing, allow_patterns=source.allow_patterns(sub, pickle=True)))
     assert with_pickle == wanted | {f"{sub}/pytorch_model.bin"}
     odd = "v2 [final] *"  # glob characters in a folder name are matched literally
     assert list(
-        filter_repo_objects([f"{odd}/config.json", "v2 f */config.json"], allow_patterns=hub.allow_patterns(odd))
+        filter_repo_objects([f"{odd}/config.json", "v2 f */config.json"], allow_patterns=source.allow_patterns(odd))
     ) == [f"{odd}/config.json"]
 
 
@@ -404,7 +404,7 @@ def test_pickle_only_hub_folders(stand_in, converted_dir, tmp_path, monkeypatch)
     assert model.config.manager is None
     shutil.rmtree(converted_dir)
     # online, the Hub's listing tells about the pickle file before it is downloaded (it is not, by default)
-    monkeypatch.setattr(hub, "_repo_listing", lambda *args: ["Baseline/config.json", "Baseline/pytorch_model.bin"])
+    monkeypatch.setattr(source, "_repo_listing", lambda *args: ["Baseline/config.json", "Baseline/pytorch_model.bin"])
     (cache / "models--LooperXX--LLaVA-OV-Manager" / "snapshots" / commit / "Baseline" / "pytorch_model.bin").unlink()
     with pytest.raises(ConversionError, match=r"only pickle weights \(pytorch_model.bin\)"):
         from_pretrained(REPO_ID, "Baseline", cache_dir=cache, conversion_cache_dir=converted_dir)
@@ -452,7 +452,7 @@ def test_a_failure_while_writing_leaves_no_cache_entry(stand_in, converted_dir, 
 
 
 def test_hf_format_folders_with_pickle_weights_or_without_a_processor(stand_in, converted_dir, tmp_path):
-    out = hub.convert_checkpoint(hub.resolve(stand_in.repo, "Baseline"), tmp_path / "hf-format")
+    out = conversion.convert_checkpoint(source.resolve(stand_in.repo, "Baseline"), tmp_path / "hf-format")
     state = load_file(str(out / "model.safetensors"))
     (out / "model.safetensors").unlink()
     torch.save(state, out / "pytorch_model.bin")

@@ -18,7 +18,7 @@ from llava_manager.inspect_weights import (
     plot_manager_weights,
     read_manager_stack,
 )
-from llava_manager.tiny import tiny_model, tiny_processor
+from llava_manager.testing.tiny import tiny_model, tiny_processor
 from test_patch import perturb
 
 

@@ -6,7 +6,7 @@ import torch
 
 from inputs import multi_image_batch, single_image_batch
 from llava_manager import ImageLayout, ManagerConfig, patch_llava
-from llava_manager.tiny import tiny_model
+from llava_manager.testing.tiny import tiny_model
 from test_patch import perturb
 
 BASE_TOKENS = 16  # (32 px / 8 px patches)^2 tokens per crop in the tiny model
@@ -109,10 +109,11 @@ def test_features_match_transformers_packing(size, aspect, grid):
         torch.testing.assert_close(got_layers[:, index], expected_layers[index], atol=1e-6, rtol=0)
 
 
-def test_gather_projects_only_the_rows_the_layout_keeps():
+@pytest.mark.parametrize("size", [(20, 120), (38, 100)])  # (width, height); the tall one drops 8 rows, < 10 newlines
+def test_gather_projects_only_the_rows_the_layout_keeps(size):
     """Unpadding drops grid tokens and `grid="base"` drops every grid crop: the Managers' projector call sees only
-    the kept rows (plus one stand-in row per newline when `grid="all"`)."""
-    batch = single_image_batch(size=(20, 120))  # very wide: unpadding drops rows of the 1x3 grid
+    the kept rows, however few rows unpadding drops."""
+    batch = single_image_batch(size=size)
     layers = [2, 3]
     seen_rows = {}
     for grid in ("all", "base"):
@@ -131,7 +132,7 @@ def test_gather_projects_only_the_rows_the_layout_keeps():
     packed = output.pooler_output[0]  # (T, D)
     newlines = int((packed == patched.model.image_newline).all(-1).sum())
     assert seen_rows["base"] == BASE_TOKENS == tokens
-    assert seen_rows["all"] == packed.shape[0]  # kept rows + one stand-in per newline
+    assert seen_rows["all"] == packed.shape[0] - newlines  # the kept rows, no stand-ins for the newlines
     assert 0 < newlines and packed.shape[0] - newlines < crops * tokens  # unpadding dropped rows of the grid
 
 def test_square_layout_is_one_crop_without_newline():

@@ -6,7 +6,7 @@ from torch import nn
 
 from inputs import multi_image_batch, single_image_batch, text_only_batch
 from llava_manager import ManagerConfig, ManagerError, is_patched, patch_llava, unpatch_llava
-from llava_manager.tiny import tiny_model
+from llava_manager.testing.tiny import tiny_model
 
 
 def perturb(model, seed=1):

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from inputs import single_image_batch
 from llava_manager import ManagerConfig, ManagerError, is_patched, patch_llava, unpatch_llava
-from llava_manager.tiny import tiny_model
+from llava_manager.testing.tiny import tiny_model
 from test_patch import perturb
 
 CONFIGS = [

@@ -12,7 +12,7 @@ import torch
 
 from inputs import multi_image_batch, picture, prompt, single_image_batch, text_only_batch
 from llava_manager import ManagerConfig, patch_llava
-from llava_manager.tiny import tiny_model, tiny_processor
+from llava_manager.testing.tiny import tiny_model, tiny_processor
 from test_patch import perturb
 
 CONFIGS = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 from train_helpers import image_file, keep_torch_threads, shapes_data, write_records
 
-from llava_manager.tiny import tiny_config, tiny_processor
+from llava_manager.testing.tiny import tiny_config, tiny_processor
 from llava_manager.train.collator import ManagerDataCollator, make_dummy_image
 from llava_manager.train.data import (
     IGNORE_INDEX,

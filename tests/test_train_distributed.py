@@ -33,10 +33,10 @@ ManagerDataCollator.__call__ = _recording
 import deepspeed
 from llava_manager.train import load_recipe
 from llava_manager.train.main import train
-from llava_manager.train.trainer import unwrap_llava
+from llava_manager.attach import unwrap
 
 result = train(load_recipe("tiny_cpu", sys.argv[2:]))
-manager = unwrap_llava(result.trainer.model).model.manager
+manager = unwrap(result.trainer.model).model.manager
 params = list(manager.parameters())
 assert all(p.numel() == 0 or hasattr(p, "ds_id") for p in params), "not ZeRO-3 partitioned"
 with deepspeed.zero.GatheredParameters(params):

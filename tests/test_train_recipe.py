@@ -41,7 +41,7 @@ def test_deepspeed_configs(name):
 def test_tiny_model_config_matches_tiny_py():
     from transformers import LlavaOnevisionConfig
 
-    from llava_manager.tiny import tiny_config
+    from llava_manager.testing.tiny import tiny_config
 
     shipped = LlavaOnevisionConfig.from_json_file(str(ROOT / "configs" / "models" / "tiny.json")).to_dict()
     built = tiny_config().to_dict()
@@ -99,6 +99,20 @@ def test_stage_recipes_follow_the_paper(name):
     if name == "stage2_si":
         grid = recipe.resolve_pinpoints(384)
         assert len(grid) == 36 and grid[0] == [384, 384] and grid[-1] == [2304, 2304]
+
+
+def test_a_pinpoint_range_reads_as_the_original_does():
+    """'(AxB)' is A crops across and B down, listed A outer, as LLaVA-NeXT's mm_utils reads it; a recipe and a
+    converted checkpoint's config (convert_config) read the same string the same way."""
+    from llava_manager.checkpoint.original import _original_pinpoints
+
+    recipe = load_recipe("tiny_cpu", ["--image_grid_pinpoints", "(1x1),...,(2x3)"])
+    by_hand = [[10, 10], [20, 10], [30, 10], [10, 20], [20, 20], [30, 20]]  # [height, width], width outer
+    assert recipe.resolve_pinpoints(10) == by_hand
+    assert _original_pinpoints("(1x1),...,(2x3)", 10) == by_hand
+    assert _original_pinpoints([[20, 10]], 10) == [[10, 20]]  # an explicit original list holds (width, height)
+    with pytest.raises(RecipeError, match=r"'image_grid_pinpoints'.*first grid must be"):
+        load_recipe("tiny_cpu", ["--image_grid_pinpoints", "(3x1),...,(2x2)"])
 
 
 def test_overrides_are_typed():

@@ -12,7 +12,8 @@ from train_helpers import keep_torch_threads, tiny_recipe
 from llava_manager.train import main as train_main
 from llava_manager.train.main import build_trainer, train
 from llava_manager.train.recipe import PARTS, RecipeError
-from llava_manager.train.trainer import parameter_parts, unwrap_llava
+from llava_manager.attach import unwrap
+from llava_manager.train.trainer import parameter_parts
 
 LRS = "{manager: 3.0e-2, projector: 2.0e-3, vision_tower: 1.0e-4, language_model: 5.0e-4}"
 
@@ -33,12 +34,12 @@ def test_param_groups_carry_the_recipe_learning_rates(tmp_path):
     model = trainer.model
     optimizer = trainer.create_optimizer()
     parts = parameter_parts(model)
-    llava = unwrap_llava(model).model
+    llava = unwrap(model).model
     # the parts are found by structure: every Manager parameter (layer embedding included) is 'manager'
     assert {id(p) for p in llava.manager.parameters()} == {i for i, part in parts.items() if part == "manager"}
     assert any("layer_embedding" in n for n, _ in llava.manager.named_parameters())
     assert parts[id(llava.image_newline)] == "projector"
-    assert parts[id(unwrap_llava(model).lm_head.weight)] == "language_model"
+    assert parts[id(unwrap(model).lm_head.weight)] == "language_model"
 
     names = {id(p): n for n, p in model.named_parameters()}
     seen = set()
@@ -129,11 +130,11 @@ def test_stage1_style_square_plain_run(tmp_path):
         kinds=("single", "multi"),
     )
     trainer, _ = build_trainer(recipe)
-    assert unwrap_llava(trainer.model).config.image_layout["mode"] == "square"
+    assert unwrap(trainer.model).config.image_layout["mode"] == "square"
     assert isinstance(trainer._get_train_sampler(), ModalityLengthGroupedSampler)
     item = trainer.train_dataset[1]  # two images, 16 tokens each (one 32x32 crop of 8x8 patches)
     assert item["pixel_values"].shape[:2] == (2, 1)
-    assert int((item["input_ids"] == unwrap_llava(trainer.model).config.image_token_id).sum()) == 32
+    assert int((item["input_ids"] == unwrap(trainer.model).config.image_token_id).sum()) == 32
     trainer.train()
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
 
@@ -142,7 +143,7 @@ def test_stage1_style_square_plain_run(tmp_path):
 def test_continue_from_a_checkpoint_folder(tmp_path, patched):
     """model_name_or_path: an HF LLaVA-OV folder is patched from the recipe; a patched one keeps its Managers."""
     from llava_manager import ManagerConfig, patch_llava
-    from llava_manager.tiny import tiny_model, tiny_processor
+    from llava_manager.testing.tiny import tiny_model, tiny_processor
 
     model = tiny_model()
     if patched:
@@ -161,7 +162,7 @@ def test_continue_from_a_checkpoint_folder(tmp_path, patched):
         "2",
     )
     trainer, _ = build_trainer(recipe)
-    config = unwrap_llava(trainer.model).config
+    config = unwrap(trainer.model).config
     assert config.manager["llm_layers"] == ([1, 3] if patched else [0, 2])  # the recipe's are [0, 2]
     trainer.train()
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import CommandError
+from ..checkpoint.source import looks_like_path
+from ..errors import CommandError
 
 
 def add_debug_flag(parser) -> None:
@@ -29,9 +30,7 @@ def check_model_argument(model: str) -> None:
     path = Path(model).expanduser()
     if path.exists() and not path.is_dir():
         raise CommandError(f"MODEL {model!r} is a file; pass the checkpoint folder (the one holding config.json)")
-    # Hub ids are `name` or `owner/name`; anything else is meant as a folder
-    looks_local = model.startswith((".", "~", "/", "\\")) or model.rstrip("/").count("/") > 1 or "\\" in model
-    if not path.exists() and looks_local:
+    if not path.exists() and looks_like_path(model):
         raise CommandError(
             f"model folder {model!r} does not exist; pass a checkpoint folder (e.g. outputs/demo/manager after "
             "`make demo`) or a Hub repo id like LooperXX/LLaVA-OV-Manager"
@@ -41,7 +40,7 @@ def check_model_argument(model: str) -> None:
 def load_model(model: str, subfolder: str | None, debug: bool):
     """`llava_manager.from_pretrained`, with any failure turned into a one-line `CommandError`."""
     from .. import from_pretrained
-    from ..config import ManagerError
+    from ..errors import ManagerError
 
     check_model_argument(model)
     try:

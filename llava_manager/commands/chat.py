@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..chat import ask, load_images
-    from ..cli import CommandError
+    from ..errors import CommandError
     from ._common import check_model_argument, load_model, quiet_transformers
 
     if args.max_new_tokens < 1:

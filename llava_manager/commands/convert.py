@@ -47,7 +47,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import sys
 
-    from ..hub import convert_checkpoint, resolve
+    from ..checkpoint import convert_checkpoint, resolve
 
     source = resolve(
         args.src,

@@ -50,7 +50,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..cli import CommandError
+    from ..errors import CommandError
     from ..demo import run_demo
 
     for name in ("steps", "train_images", "heldout_images"):

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..cli import CommandError
+    from ..errors import CommandError
     from ..inspect_weights import format_table, load_manager_weights, plot_manager_weights
     from ._common import check_model_argument, quiet_transformers
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ManagerError
+from ..errors import DemoError, ManagerError  # noqa: F401  (DemoError: re-exported)
 from .shapes import COLORS, POSITIONS, QUESTIONS, SHAPES, DemoData, write_demo_dataset
 
 DEFAULT_STEPS = 600
@@ -40,10 +40,6 @@ CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / le
 BASELINE_PARTS = ["projector", "vision_tower", "language_model"]
 # set by launchers / a previous in-process run; a training worker must start its own one-process group
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DemoError(ManagerError):
-    """The demo cannot run as asked (its output folder holds something else, training failed, ...)."""
 
 
 @dataclass

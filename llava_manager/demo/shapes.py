@@ -8,7 +8,7 @@ LLaVA's conversation format (the format `llava_manager.train` reads):
 
 Held-out images come from their own random stream, so no held-out image is a training image; they follow
 the same distribution (the same colours, shapes and positions, with fresh sizes, offsets and backgrounds).
-Every word is in the tiny tokenizer's vocabulary (`llava_manager.tiny`), and answers are one word.
+Every word is in the tiny tokenizer's vocabulary (`llava_manager.testing.tiny`), and answers are one word.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (225, 205, 40)}
-SHAPES = ("circle", "square", "triangle")
+from ..testing.shapes import COLORS, SHAPES, fill_shape
+
 POSITIONS = ("left", "right")
 QUESTIONS = {
     "color": "What color is the shape?",
@@ -71,15 +71,8 @@ def draw(item: DrawnShape, rng: random.Random, size: tuple[int, int] = IMAGE_SIZ
     low = margin if item.position == "left" else half + margin
     left = rng.uniform(low, low + half - 2 * margin - side)
     top = rng.uniform(margin, height - margin - side)
-    box = (left, top, left + side, top + side)
     jitter = [max(0, min(255, c + rng.randint(-15, 15))) for c in COLORS[item.color]]
-    fill = tuple(jitter)
-    if item.shape == "circle":
-        pen.ellipse(box, fill=fill)
-    elif item.shape == "square":
-        pen.rectangle(box, fill=fill)
-    else:
-        pen.polygon([(left + side / 2, top), (left, top + side), (left + side, top + side)], fill=fill)
+    fill_shape(pen, item.shape, left, top, side, tuple(jitter))
     return image
 
 

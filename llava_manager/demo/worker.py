@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import TrainerCallback
 
-    from ..config import ManagerError
+    from ..errors import ManagerError
     from ..train.main import train
     from ..train.recipe import load_recipe
 

@@ -32,16 +32,12 @@ import torch
 import yaml
 
 from .. import chat_format
-from ..config import ManagerError
+from ..errors import DataError, ManagerError  # noqa: F401  (DataError: re-exported)
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = chat_format.IMAGE_PLACEHOLDER
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SAMPLING_STRATEGIES = ("all", "first", "end", "random")
-
-
-class DataError(ManagerError):
-    """Bad training data: the message names the file, the sample and the problem."""
 
 
 class DropSample(Exception):

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ManagerError
+from ..errors import ManagerError
 from .recipe import Recipe, RecipeError, load_recipe, parse_overrides, resolve_accumulation, world_size_from_env
 
 logger = logging.getLogger("llava_manager.train")
@@ -153,7 +153,7 @@ def load_model_and_processor(recipe: Recipe):
 
 def _processor_for(recipe: Recipe, config):
     if recipe.processor == "tiny":
-        from llava_manager.tiny import tiny_processor
+        from llava_manager.testing.tiny import tiny_processor
 
         return tiny_processor(config)
     from transformers import AutoProcessor
@@ -281,7 +281,7 @@ def apply_lora(recipe: Recipe, model):
 # ---- data ----------------------------------------------------------------------------------------
 def prepare_data(recipe: Recipe):
     from .data import load_samples
-    from .synthetic import write_shapes_dataset
+    from ..testing.synthetic import write_shapes_dataset
 
     if recipe.data_path.startswith("synthetic:"):
         try:
@@ -447,7 +447,8 @@ def save_lora_result(trainer, lora_config, processor, output_dir: Path) -> None:
     import torch
     from peft import get_peft_model
 
-    from .trainer import save_non_lora_trainables, unwrap_llava
+    from ..attach import unwrap
+    from .trainer import save_non_lora_trainables
 
     trainer.save_model(str(output_dir / "adapter"))  # PEFT adapter, gathered under ZeRO-3
     wrapped = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
@@ -457,7 +458,7 @@ def save_lora_result(trainer, lora_config, processor, output_dir: Path) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # build the merge copy unpartitioned
-    base = unwrap_llava(trainer.model)
+    base = unwrap(trainer.model)
     dtype = next(iter(state.values())).dtype
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype.is_floating_point else default)

@@ -27,7 +27,9 @@ from typing import Any
 import yaml
 
 from ..chat_format import SYSTEM_PROMPT
-from ..config import ManagerConfig, ManagerError
+from ..config import ManagerConfig
+from ..checkpoint.original import expand_pinpoint_range
+from ..errors import ConversionError, ManagerError, RecipeError  # noqa: F401  (RecipeError: re-exported)
 
 PARTS = ("manager", "projector", "vision_tower", "language_model")
 CONV_TEMPLATES = ("qwen_1_5", "plain")
@@ -36,11 +38,7 @@ BAD_IMAGE_ACTIONS = ("error", "skip")
 LORA_KEYS = {"r": int, "alpha": float, "dropout": float, "target": str}
 DEFAULT_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 _ANYRES_MAX = re.compile(r"anyres_max_([1-9][0-9]*)")
-_PINPOINT_RANGE = re.compile(r"\((\d+)x(\d+)\),\s*\.\.\.,\s*\((\d+)x(\d+)\)")
-
-
-class RecipeError(ManagerError):
-    """A recipe key that is unknown, missing or has a bad value (the message names the key)."""
+_PINPOINT_RANGE = re.compile(r"\(\d+x\d+\),\s*\.\.\.,\s*\(\d+x\d+\)")  # the form recipes accept
 
 
 def _shipped_roots() -> list[Path]:
@@ -76,7 +74,7 @@ class Recipe:
         default=None, metadata={"help": "config JSON for a randomly initialised model (instead of model_name_or_path)"}
     )
     processor: str | None = field(
-        default=None, metadata={"help": "processor dir/hub id; 'tiny' = llava_manager.tiny; default: the model's"}
+        default=None, metadata={"help": "processor dir/hub id; 'tiny' = llava_manager.testing.tiny; default: the model's"}
     )
     manager: dict | None = field(
         default_factory=dict, metadata={"help": "ManagerConfig fields; null = train without Managers"}
@@ -311,10 +309,12 @@ class Recipe:
 
     def _parse_pinpoints(self, value: Any) -> list[list[int]] | str:
         if isinstance(value, str):  # '(1x1),...,(6x6)': grids in units of the crop size, expanded later
-            match = _PINPOINT_RANGE.fullmatch(value.strip())
-            h0, w0, h1, w1 = map(int, match.groups()) if match else (0, 0, 0, 0)
-            if not match or h0 < 1 or w0 < 1 or h0 > h1 or w0 > w1:
+            if not _PINPOINT_RANGE.fullmatch(value.strip()):
                 raise self._err("image_grid_pinpoints", value, "use [[h, w], ...] or a range like '(1x1),...,(6x6)'")
+            try:
+                expand_pinpoint_range(value, 1)
+            except ConversionError as error:
+                raise self._err("image_grid_pinpoints", value, str(error).split(": ", 1)[-1]) from None
             return value.strip()
         if (
             not isinstance(value, list)
@@ -328,11 +328,11 @@ class Recipe:
         return [list(p) for p in value]
 
     def resolve_pinpoints(self, crop_size: int) -> list[list[int]] | None:
-        """Pinpoints in pixels; the '(AxB),...,(CxD)' form is multiplied by the crop size."""
+        """Pinpoints in pixels, [height, width]; the '(AxB),...,(CxD)' range reads as the original LLaVA-NeXT does
+        (`expand_pinpoint_range`: A across, B down), so a recipe and a converted checkpoint agree."""
         value = self.image_grid_pinpoints
         if isinstance(value, str):
-            h0, w0, h1, w1 = map(int, _PINPOINT_RANGE.fullmatch(value).groups())
-            return [[h * crop_size, w * crop_size] for h in range(h0, h1 + 1) for w in range(w0, w1 + 1)]
+            return expand_pinpoint_range(value, crop_size)
         return value
 
     def _choice(self, key: str, choices: tuple[str, ...]) -> None:

@@ -25,23 +25,15 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..attach import unwrap
 from .recipe import PARTS
 
 NON_LORA_TRAINABLES = "non_lora_trainables.safetensors"
 
 
-def unwrap_llava(model: nn.Module):
-    """The `LlavaOnevisionForConditionalGeneration` inside DeepSpeed / DDP / PEFT wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
 def part_modules(model: nn.Module) -> dict[str, list[Any]]:
     """{part: [modules or bare parameters]} on the LLaVA-OV inside `model` (the language model: the rest)."""
-    llava = unwrap_llava(model).model
+    llava = unwrap(model).model
     manager = getattr(llava, "manager", None)
     return {
         "manager": [manager] if isinstance(manager, nn.Module) else [],
@@ -203,7 +195,7 @@ class ManagerTrainer(Trainer):
 
 def non_lora_trainables(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable non-LoRA tensors under their names in the unwrapped LLaVA-OV (stable across PEFT)."""
-    base = unwrap_llava(model)
+    base = unwrap(model)
     return {
         name: p.detach().cpu().contiguous()
         for name, p in base.named_parameters()
@@ -222,7 +214,7 @@ def load_non_lora_trainables(model: nn.Module, path: str) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(path)
-    params = dict(unwrap_llava(model).named_parameters())
+    params = dict(unwrap(model).named_parameters())
     missing = sorted(set(tensors) - set(params))
     if missing:
         raise ValueError(f"{path}: tensors {missing[:5]} have no parameter in the model")

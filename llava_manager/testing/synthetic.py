@@ -14,8 +14,8 @@ import random
 import tempfile
 from pathlib import Path
 
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-SHAPES = ("circle", "square", "triangle")
+from .shapes import COLORS, SHAPES, fill_shape
+
 SIZES = ((32, 32), (64, 32), (32, 64), (64, 64), (48, 40), (40, 72))
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 KINDS = ("single", "multi", "text")
@@ -27,16 +27,8 @@ def draw_shape(shape: str, color: str, size: tuple[int, int], background=(245, 2
 
     width, height = size
     image = Image.new("RGB", (width, height), background)
-    draw = ImageDraw.Draw(image)
     side = min(width, height) * 0.7
-    left, top = (width - side) / 2, (height - side) / 2
-    box = (left, top, left + side, top + side)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLORS[color])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLORS[color])
-    else:
-        draw.polygon([(width / 2, top), (left, top + side), (left + side, top + side)], fill=COLORS[color])
+    fill_shape(ImageDraw.Draw(image), shape, (width - side) / 2, (height - side) / 2, side, COLORS[color])
     return image
 
 
