@@ -4,15 +4,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,plot,eval
+TORCH_PIN ?= torch==2.14.1
+TORCH_PINS ?= $(TORCH_PIN) torchvision==0.29.1
+EXTRAS ?= test,train,plot,eval
 PYTEST_ARGS ?=
 # The lowest transformers setup.cfg admits is tested too, in a second venv (setup.cfg owns the number).
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 FLOOR_TRANSFORMERS := transformers==$(shell sed -n 's/^ *transformers>=\([0-9.]*\).*/\1/p' setup.cfg)
 
-.PHONY: venv venv-floor test test-newest test-floor test-fast demo clean
+.PHONY: venv venv-floor lint test test-newest test-floor test-bare test-fast demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +33,30 @@ $(FLOOR_VENV)/.installed: setup.cfg pyproject.toml
 
 venv-floor: $(FLOOR_VENV)/.installed
 
-# CI: everything on the newest transformers pip resolves, then the fast suite on the lowest admitted one
-test: test-newest test-floor
+# A plain `pip install .` (torch pinned, no extras, no torchvision): the core must import, patch, run and load.
+BARE_VENV ?= .venv-bare
+BARE_PY := $(BARE_VENV)/bin/python
+
+$(BARE_VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BARE_PY) || $(PYTHON) -m venv $(BARE_VENV)
+	$(BARE_PY) -m pip install -q -U pip
+	$(BARE_PY) -m pip install -q $(TORCH_PIN)
+	touch $@
+
+# reinstalled each run (not editable): what a user's `pip install .` gets, package data included
+test-bare: $(BARE_VENV)/.installed
+	$(BARE_PY) -m pip install -q . $(TORCH_PIN)
+	$(BARE_PY) -m pip install -q --force-reinstall --no-deps .
+	$(BARE_PY) tests/bare_install.py
+
+# the lint gate: ruff's checks and its formatter (settings in pyproject.toml); `ruff format .` fixes the layout
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# CI: lint, everything on the newest transformers pip resolves, the fast suite on the lowest admitted one, a bare
+# install
+test: lint test-newest test-floor test-bare
 
 test-newest: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -49,4 +72,4 @@ demo: venv
 	$(VENV)/bin/llava-manager demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) $(BARE_VENV) build *.egg-info

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -95,7 +95,9 @@ class _Side:
         self._handles.clear()
 
 
-def run_lockstep(steps: list[Callable[[], object]], models: list[nn.Module], *, first: int = 0, threads: int | None = None):
+def run_lockstep(
+    steps: list[Callable[[], object]], models: list[nn.Module], *, first: int = 0, threads: int | None = None
+):
     """Run `steps[0]` (on `models[0]`) and `steps[1]` (on `models[1]`) in alternating slices.
 
     Returns `([seconds of side 0, seconds of side 1], handovers)`: each side's compute time (the sum of its slices) and

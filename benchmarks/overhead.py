@@ -58,7 +58,9 @@ PHASES = ("prefill", "decode", "train")
 # (with no mmap at all, multi-GB blocks such as --full-logits' logits fragment the heap until memory runs out).
 # One arena: the lockstep threads would otherwise get their own arenas, whose heaps (64 MiB at most) mmap every
 # large tensor afresh whatever the threshold (18 s -> 21 s per half-0.5b anyres prefill, and noisier).
-STEADY_MALLOC = "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=68719476736"
+STEADY_MALLOC = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=68719476736"
+)
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -148,12 +150,22 @@ def build_config(preset: Preset):
 
 def enable_checkpointing(model) -> None:
     """Activation (gradient) checkpointing of every layer, non-reentrant, as llava_manager.train sets it up."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # 5.24 renamed it
+    enable = (
+        getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    )  # 5.24 renamed it
     enable({"use_reentrant": False})
 
 
 def build_pair(
-    preset: Preset, *, image_mode: str, injection: str, dtype, device, attn: str, seed: int, checkpointing: bool = False
+    preset: Preset,
+    *,
+    image_mode: str,
+    injection: str,
+    dtype,
+    device,
+    attn: str,
+    seed: int,
+    checkpointing: bool = False,
 ):
     """(vanilla, patched): two models sharing every weight tensor; Managers with random (non-zero) weights."""
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -204,7 +216,9 @@ def build_inputs(model, preset: Preset, image_mode: str, device, dtype, seed: in
     crop = config.vision_config.image_size
     height, width = image_size_of(image_mode, crop)
     sizes = torch.tensor([[height, width]])
-    crops = 1 if image_mode == "square" else image_size_to_num_patches([height, width], config.image_grid_pinpoints, crop)
+    crops = (
+        1 if image_mode == "square" else image_size_to_num_patches([height, width], config.image_grid_pinpoints, crop)
+    )
     generator = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(1, crops, 3, crop, crop, generator=generator).to(device=device, dtype=dtype)
     with torch.no_grad():
@@ -392,7 +406,9 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
                 steps: dict[str, list[float]] = {name: [] for name in order}
                 for step in range(args.decode_steps):  # one step each, alternating: both see the same moment
                     for name in order if step % 2 == 0 else order[::-1]:
-                        steps[name].append(timed(lambda: decode_step(models[name], inputs, caches[name], step), device))
+                        steps[name].append(
+                            timed(lambda: decode_step(models[name], inputs, caches[name], step), device)
+                        )
                 for name in order:
                     caches.pop(name)
                     if measured:
@@ -450,11 +466,16 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
         result["peak_bytes"] = {p: {n: weights[n] + b for n, b in v.items()} for p, v in peaks.items()}
     if args.flops:
         result["flops"] = {
-            phase: {name: flops(lambda: (prefill if phase == "prefill" else train_step)(model, inputs)) for name, model in models.items()}
+            phase: {
+                name: flops(lambda: (prefill if phase == "prefill" else train_step)(model, inputs))
+                for name, model in models.items()
+            }
             for phase in ("prefill", "train")
             if phase in phases
         }
-    del vanilla, patched, models, inputs
+    del vanilla, patched
+    models.clear()
+    inputs = None  # free the batch before measuring what is left
     release_free_memory()
     return result
 
@@ -486,27 +507,51 @@ def format_table(report: dict) -> str:
             paired = f"{result['paired_ratio'][phase]:>8.3f}  {low:.3f}-{high:.3f}"
             rows.append((name, pair["vanilla"] * scale, pair["patched"] * scale, _ratio(pair), "{:>12.3f}", paired))
         for phase, pair in result.get("peak_bytes", {}).items():
-            rows.append((f"peak mem {phase} (MiB)", pair["vanilla"] / 2**20, pair["patched"] / 2**20, _ratio(pair), "{:>12.0f}", ""))
+            rows.append(
+                (
+                    f"peak mem {phase} (MiB)",
+                    pair["vanilla"] / 2**20,
+                    pair["patched"] / 2**20,
+                    _ratio(pair),
+                    "{:>12.0f}",
+                    "",
+                )
+            )
         for phase, pair in result.get("flops", {}).items():
-            rows.append((f"GFLOP {phase}", pair["vanilla"] / 1e9, pair["patched"] / 1e9, _ratio(pair), "{:>12.1f}", ""))
+            rows.append(
+                (f"GFLOP {phase}", pair["vanilla"] / 1e9, pair["patched"] / 1e9, _ratio(pair), "{:>12.1f}", "")
+            )
         for index, (name, vanilla, patched, ratio, fmt, paired) in enumerate(rows):
             first = label if index == 0 else (detail if index == 1 else "")
-            lines.append(f"{first:<20}{name:<22}" + fmt.format(vanilla) + fmt.format(patched) + f"{ratio:>8.3f}" + paired)
+            lines.append(
+                f"{first:<20}{name:<22}" + fmt.format(vanilla) + fmt.format(patched) + f"{ratio:>8.3f}" + paired
+            )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="half-0.5b")
-    parser.add_argument("--images", default=None, help=f"comma-separated image modes from {','.join(IMAGE_MODES)} (default: per preset)")
+    parser.add_argument(
+        "--images",
+        default=None,
+        help=f"comma-separated image modes from {','.join(IMAGE_MODES)} (default: per preset)",
+    )
     parser.add_argument("--injection", choices=("llm", "projector"), default="llm")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
-    parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation of both towers")
+    parser.add_argument(
+        "--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation of both towers"
+    )
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of prefill,decode,train")
     parser.add_argument("--repeats", type=int, default=5, help="measured repetitions (median reported)")
     parser.add_argument(
-        "--train-repeats", type=int, default=None, help="measured repetitions of the (slow) train step (default: --repeats)"
+        "--train-repeats",
+        type=int,
+        default=None,
+        help="measured repetitions of the (slow) train step (default: --repeats)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions first")
     parser.add_argument(
@@ -542,7 +587,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the full report (raw times) as JSON ('-': stdout)")
+    parser.add_argument(
+        "--json", default=None, metavar="PATH", help="also write the full report (raw times) as JSON ('-': stdout)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every repetition to stderr")
     args = parser.parse_args(argv)
     args.images = tuple(args.images.split(",")) if args.images else PRESETS[args.preset].images
@@ -556,7 +603,9 @@ def parse_args(argv=None):
     if args.interleave == "layer" and not on_cpu:
         parser.error("--interleave layer times slices on the host clock: CPU only (use --interleave run on CUDA)")
     if args.interleave == "auto":
-        args.interleave = "run" if not on_cpu else ("layer" if args.gradient_checkpointing else "layer (prefill), run (train)")
+        args.interleave = (
+            "run" if not on_cpu else ("layer" if args.gradient_checkpointing else "layer (prefill), run (train)")
+        )
     args.lockstep_phases = {"layer": ("prefill", "train"), "run": ()}.get(args.interleave, ("prefill",))
     if args.repeats < 1 or args.train_repeats < 1 or args.warmup < 0 or args.decode_steps < 1:
         parser.error("--repeats, --train-repeats and --decode-steps must be >= 1, --warmup >= 0")
@@ -596,7 +645,9 @@ def main(argv=None) -> dict:
             "preset": args.preset,
             "injection": args.injection,
             "dtype": args.dtype,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()})",
             "threads": torch.get_num_threads(),
             "malloc": os.environ.get("GLIBC_TUNABLES") or "system default",
             "attn": args.attn,
@@ -616,7 +667,10 @@ def main(argv=None) -> dict:
     for image_mode in args.images:
         report["results"].append(run_image_mode(args, preset, image_mode, device, dtype))
     for result in report["results"]:
-        result["ratios"] = {kind: {p: _ratio(pair) for p, pair in result.get(kind, {}).items()} for kind in ("median_s", "peak_bytes", "flops")}
+        result["ratios"] = {
+            kind: {p: _ratio(pair) for p, pair in result.get(kind, {}).items()}
+            for kind in ("median_s", "peak_bytes", "flops")
+        }
     if args.json == "-":
         json.dump(report, sys.stdout, indent=1)
         print()

@@ -1,7 +1,7 @@
 """llava-manager: Managers (arXiv 2506.11515) for Hugging Face LLaVA-OneVision.
 
-    from llava_manager import ManagerConfig, patch_llava
-    model = patch_llava(model, ManagerConfig())
+from llava_manager import ManagerConfig, patch_llava
+model = patch_llava(model, ManagerConfig())
 """
 
 from .version import __version__  # noqa: F401
@@ -36,6 +36,8 @@ def _check_transformers_version() -> None:
 
 _check_transformers_version()
 
+from . import processor as _processor  # noqa: E402,F401  (registers the processor classes with the Auto classes)
+from .checkpoint import from_pretrained, load_original  # noqa: E402
 from .config import ImageLayout, ManagerConfig  # noqa: E402
 from .errors import ConversionError, HubError, ManagerConfigError, ManagerError  # noqa: E402
 from .modeling import (  # noqa: E402  (registers the model type with the Auto classes)
@@ -43,8 +45,6 @@ from .modeling import (  # noqa: E402  (registers the model type with the Auto c
     LlavaOnevisionManagerForConditionalGeneration,
     LlavaOnevisionManagerModel,
 )
-from . import processor as _processor  # noqa: E402,F401  (registers the processor classes with the Auto classes)
-from .checkpoint import from_pretrained, load_original  # noqa: E402
 from .patch import is_patched, patch_llava, unpatch_llava  # noqa: E402
 
 __all__ = [

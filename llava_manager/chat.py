@@ -32,7 +32,9 @@ def load_images(paths: list[str | os.PathLike]) -> list:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
         except UnidentifiedImageError:
-            raise ImageError(f"cannot read image {str(path)!r}: not an image format PIL knows (PNG, JPEG, ...)") from None
+            raise ImageError(
+                f"cannot read image {str(path)!r}: not an image format PIL knows (PNG, JPEG, ...)"
+            ) from None
         except (OSError, ValueError, SyntaxError) as error:
             raise ImageError(f"cannot read image {str(path)!r}: {error} (truncated or corrupt file?)") from None
     return images
@@ -98,10 +100,12 @@ def ask(
         kwargs["streamer"] = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode():
         output = model.generate(**inputs, **kwargs)
-    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def ask_batch(model, processor, items: list[tuple[list, str]], *, max_new_tokens: int = 8, batch_size: int = 16) -> list[str]:
+def ask_batch(
+    model, processor, items: list[tuple[list, str]], *, max_new_tokens: int = 8, batch_size: int = 16
+) -> list[str]:
     """Greedy answers to many `(images, question)` items, `batch_size` at a time (left padding)."""
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
@@ -116,7 +120,7 @@ def ask_batch(model, processor, items: list[tuple[list, str]], *, max_new_tokens
             inputs = inputs.to(model.device, dtype=model.dtype)
             with torch.inference_mode():
                 output = model.generate(**inputs, **_generation_kwargs(model, processor, max_new_tokens, 0.0))
-            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
             answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side

@@ -44,9 +44,7 @@ CHAT_TEMPLATE = (
     "{% for content in message['content'] %}{% if content['type'] == 'video' %}<video>\n{% endif %}{% endfor %}"
     "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}"
-    "{% endif %}"
-    + IM_END
-    + "\n"
+    "{% endif %}" + IM_END + "\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}" + header("assistant") + "{% endif %}"
 )

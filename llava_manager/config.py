@@ -108,7 +108,9 @@ class ManagerConfig:
                 raise _bad(name, value, "indices must be unique")
             setattr(self, name, value)
         if self.query_token_id is not None and (
-            not isinstance(self.query_token_id, int) or isinstance(self.query_token_id, bool) or self.query_token_id < 0
+            not isinstance(self.query_token_id, int)
+            or isinstance(self.query_token_id, bool)
+            or self.query_token_id < 0
         ):
             raise _bad("query_token_id", self.query_token_id, "use a non-negative token id")
         if self.injection == "projector" and self.is_adaptive:

@@ -40,6 +40,10 @@ class ManagerImageOutput(BaseModelOutputWithPooling):
 
     deepstack_features: list | None = None
 
+    #: not a field (generation never copies it): `(per-image tensors, the one (T, N * D) tensor they split)`, so
+    #: the injection can take that tensor instead of concatenating the parts, when it is handed these very parts
+    joined_layer_features = None
+
 
 def _whole(parameter: torch.nn.Parameter | None):
     """Context in which a ZeRO-3-partitioned `parameter` is whole.
@@ -132,7 +136,7 @@ class ImageFeatureComputer:
         main = model.multi_modal_projector(main)  # (crops, P, D)
         # the N layers stay in SigLIP space here: _pack_layers projects them (only the kept rows when the layout drops some)
         with _whole(None if square else model.image_newline):
-            packed_main, packed_layers = self._pack(
+            packed_main, packed_layers, joined_layers = self._pack(
                 main, layer_stack, crops_per_image, image_sizes, max_crops=max_crops, square=square
             )
         output = ManagerImageOutput(
@@ -142,6 +146,8 @@ class ImageFeatureComputer:
             attentions=tower_output.attentions,
             deepstack_features=[packed_layers] if packed_layers is not None else None,
         )
+        if joined_layers is not None:
+            output.joined_layer_features = (tuple(packed_layers), joined_layers)
         state = self.scope.current() if self.scope is not None else None
         if state is not None:  # inside a forward: the injection hooks read it from there
             state.image_output = output
@@ -157,7 +163,9 @@ class ImageFeatureComputer:
         else:  # multi-image samples: one crop per image
             need_grid = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
         return [
-            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if grid else 1
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            if grid
+            else 1
             for size, grid in zip(image_sizes, need_grid)
         ]
 
@@ -177,7 +185,7 @@ class ImageFeatureComputer:
 
     def _pack(self, main, layer_stack, crops_per_image, image_sizes, *, max_crops, square):
         """Pack per image. main: (crops, P, D) projected -> [(T_i, D)]; layer_stack: (crops, P, N, C) in SigLIP
-        space -> [(T_i, N * D)] projected, or None."""
+        space -> [(T_i, N * D)] projected, or None; and the (T, N * D) tensor those are row blocks of, or None."""
         config = self.llava_model.config
         newline = None if square else self.llava_model.image_newline
         sizes = [tuple(int(v) for v in (size.tolist() if torch.is_tensor(size) else size)) for size in image_sizes]
@@ -193,17 +201,18 @@ class ImageFeatureComputer:
             for features, size in zip(torch.split(main, crops_per_image, dim=0), sizes)
         ]
         if layer_stack is None:
-            return packed_main, None
-        return packed_main, self._pack_layers(layer_stack, crops_per_image, sizes, newline, layout)
+            return packed_main, None, None
+        return packed_main, *self._pack_layers(layer_stack, crops_per_image, sizes, newline, layout)
 
     def _project_layers(self, layer_features: torch.Tensor) -> torch.Tensor:
         """(..., N, C) SigLIP features -> (..., N, D): the model's own projector, then the layer embedding."""
         projected = self.llava_model.multi_modal_projector(layer_features)
         return self.stack.embed_layers(projected, reuse_input=True)  # the projector's output is ours alone
 
-    def _pack_layers(self, layer_stack, crops_per_image, sizes, newline, layout) -> list[torch.Tensor]:
+    def _pack_layers(self, layer_stack, crops_per_image, sizes, newline, layout):
         """(crops, P, N, C) SigLIP features -> per image (T_i, N * D) projected features laid out like the main
-        feature (newline rows: `image_newline` in every layer; rows outside the `grid` span: zero).
+        feature (newline rows: `image_newline` in every layer; rows outside the `grid` span: zero), and the
+        (T, N * D) tensor whose consecutive row blocks they are (None when packed image by image).
 
         Unless the `anyres_max` shrink blends tokens, packing only copies them and the projector works token by
         token, so gathering and projecting commute. When the layout drops rows (unpadding; for `grid="base"|"grid"`
@@ -219,11 +228,13 @@ class ImageFeatureComputer:
         ]
         if any(source is None for source in sources):
             projected = self._project_layers(layer_stack)  # (crops, P, N, D)
-            return self._pack_layers_as_channels(projected, crops_per_image, sizes, newline, layout)
+            return self._pack_layers_as_channels(projected, crops_per_image, sizes, newline, layout), None
         first_rows = [0]
         for n in crops_per_image[:-1]:
             first_rows.append(first_rows[-1] + n * tokens)
-        rows = torch.cat([torch.where(s < 0, s, s + first) for s, first in zip(sources, first_rows)])  # (T,), -1: newline
+        rows = torch.cat(
+            [torch.where(s < 0, s, s + first) for s, first in zip(sources, first_rows)]
+        )  # (T,), -1: newline
         is_newline = rows < 0
         position = torch.cat([torch.arange(s.shape[0]) for s in sources])  # index of each token within its image
         managed = managed_by_grid(self.config.grid, position < tokens)  # an image's base tokens come first
@@ -246,7 +257,7 @@ class ImageFeatureComputer:
             newline_rows = (is_newline & managed).to(device)
             features[newline_rows] = newline.to(features.dtype)
         features = features.view(-1, num_layers * features.shape[-1])  # (T, N * D)
-        return list(features.split([s.shape[0] for s in sources], dim=0))
+        return list(features.split([s.shape[0] for s in sources], dim=0)), features
 
     def _pack_layers_as_channels(self, layer_stack, crops_per_image, sizes, newline, layout) -> list[torch.Tensor]:
         """The bilinear-shrink case: each image's N projected layers `(crops, P, N, D)` folded into channels, packed

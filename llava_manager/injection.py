@@ -126,7 +126,8 @@ class LLMInjection:
                 "mm_encoder_outputs computed by this patched model's get_image_features"
             )
         if has_images:
-            features = _join_rows([f.reshape(-1, num_layers * width) for f in layer_features[0]])  # (T, N * D)
+            parts = [f.reshape(-1, num_layers * width) for f in layer_features[0]]
+            features = _join_rows(parts, layer_features[0], getattr(image_output, "joined_layer_features", None))
             if features.shape[0] != positions.shape[0]:
                 raise RuntimeError(
                     f"Manager features and image tokens do not match: tokens {positions.shape[0]}, "
@@ -311,21 +312,16 @@ def _add_rows(flat: torch.Tensor, plan: InjectionPlan, delta: torch.Tensor) -> t
     return flat.index_copy(0, plan.positions, flat.index_select(0, plan.positions) + delta)
 
 
-def _join_rows(parts: list[torch.Tensor]) -> torch.Tensor:
-    """`torch.cat(parts)`, without copying when the parts are consecutive row blocks of one contiguous tensor (as
-    features.py returns them; generation may hand over re-arranged lists, which are concatenated)."""
+def _join_rows(parts: list[torch.Tensor], received: list, joined: tuple | None) -> torch.Tensor:
+    """`torch.cat(parts)` -> (T, N * D), without the copy when `received` (the per-image tensors as handed over)
+    are the very tensors features.py split from one tensor (`joined`: (those parts, that tensor)). Generation may
+    hand over sliced or re-arranged lists: those are concatenated."""
     if len(parts) == 1:
         return parts[0]
-    base = parts[0]._base
-    offset = parts[0].storage_offset()
-    if base is not None and base.is_contiguous() and offset == base.storage_offset():
-        for part in parts:
-            if part._base is not base or not part.is_contiguous() or part.storage_offset() != offset:
-                break
-            offset += part.numel()
-        else:
-            if offset - base.storage_offset() == base.numel():
-                return base.view(-1, parts[0].shape[-1])
+    if joined is not None:
+        split_parts, whole = joined
+        if len(split_parts) == len(received) and all(a is b for a, b in zip(split_parts, received)):
+            return whole
     return torch.cat(parts, dim=0)
 
 
@@ -336,6 +332,6 @@ def _cache_length(cache) -> int:
     if get_length is not None:
         try:
             return int(get_length())
-        except Exception:  # some caches need a layer index
+        except TypeError:  # a cache whose get_seq_length takes the layer index without a default
             return int(get_length(0))
     return 0

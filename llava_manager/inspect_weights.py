@@ -170,8 +170,15 @@ def plot_manager_weights(weights: ManagerWeights, path: str | Path, title: str |
             for c in range(n_cols):
                 if not np.isnan(data[r, c]):
                     bright = data[r, c] > 0.6 * vmax
-                    axes.text(c, r, f"{data[r, c]:.3f}", ha="center", va="center", fontsize=7,
-                              color="black" if bright else "white")
+                    axes.text(
+                        c,
+                        r,
+                        f"{data[r, c]:.3f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if bright else "white",
+                    )
     colorbar = figure.colorbar(image, ax=axes)
     colorbar.set_label("mean |w| over channels")
     default_title = f"Manager weights ({weights.manager_type}, injection={weights.injection})"
@@ -187,8 +194,10 @@ def plot_manager_weights(weights: ManagerWeights, path: str | Path, title: str |
 def _centred_mean(values: list[float], window: int) -> list[float]:
     """Mean over a window centred on each point (shorter at the ends), so the curve does not lag."""
     half = window // 2
-    return [sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
-            for i in range(len(values))]
+    return [
+        sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
+        for i in range(len(values))
+    ]
 
 
 def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str | None = None) -> Path:
@@ -266,15 +275,21 @@ def read_manager_stack(folder: str | Path) -> ManagerStack:
     return stack.eval()
 
 
-def load_manager_weights(path_or_hub_id: str, subfolder: str | None = None, **from_pretrained_kwargs) -> ManagerWeights:
+def load_manager_weights(
+    path_or_hub_id: str, subfolder: str | None = None, **from_pretrained_kwargs
+) -> ManagerWeights:
     """`ManagerWeights` of any checkpoint `llava_manager.from_pretrained` loads (local folder or Hub id, any format).
 
     HF-format folders with Managers are read directly (config and Manager tensors only); anything else goes
     through `from_pretrained` (converting original-format checkpoints, cached)."""
     from .checkpoint import detect_format, resolve
 
-    source = resolve(path_or_hub_id, subfolder, from_pretrained_kwargs.pop("revision", None),
-                     **{k: v for k, v in from_pretrained_kwargs.items() if k in ("cache_dir", "token", "local_files_only")})
+    source = resolve(
+        path_or_hub_id,
+        subfolder,
+        from_pretrained_kwargs.pop("revision", None),
+        **{k: v for k, v in from_pretrained_kwargs.items() if k in ("cache_dir", "token", "local_files_only")},
+    )
     checkpoint = detect_format(source.path)
     if checkpoint.kind == "hf" and checkpoint.managers and list(source.path.glob("*.safetensors")):
         return manager_weights(read_manager_stack(source.path))

@@ -81,7 +81,9 @@ class _WeightedLayerSum(torch.autograd.Function):
             grad_weights = torch.zeros(weights.shape, dtype=torch.float32, device=weights.device)
             for start in range(0, features.shape[-3], block):
                 part = features[..., start : start + block, :used, :]
-                grad_weights += (grad_rows[..., start : start + block, :, :] * part).sum(reduce_dims, dtype=torch.float32)
+                grad_weights += (grad_rows[..., start : start + block, :, :] * part).sum(
+                    reduce_dims, dtype=torch.float32
+                )
             grad_weights = grad_weights.to(weights.dtype)
         return grad_features, grad_weights
 

@@ -11,6 +11,8 @@ with no `trust_remote_code`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import (
     AutoConfig,
@@ -86,17 +88,22 @@ class _ManagerModelMixin:
         from .errors import ManagerError
 
         want_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
-        except RuntimeError as error:
-            if "mismatched" not in str(error):
-                raise
+        # mismatched shapes are read from the loading info (not from an error's text); the caller's choice stands
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+        mismatched = sorted(key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys", ()))
+        if mismatched and not ignore_mismatched:
             raise ManagerError(
-                f"{pretrained_model_name_or_path}: the weights do not match the shapes its config.json implies (see "
-                "the load report above); was config.json edited, or saved by a different run than the weights?"
-            ) from error
+                f"{pretrained_model_name_or_path}: the weights do not match the shapes its config.json implies "
+                f"({', '.join(mismatched[:4])}{', ...' if len(mismatched) > 4 else ''}); was config.json edited, or "
+                "saved by a different run than the weights? (ignore_mismatched_sizes=True loads it anyway)"
+            )
         missing_keys = set(info.get("missing_keys", ()))
         missing = sorted(k for k in missing_keys if _is_manager_key(k))
         # A checkpoint with the model's weights but not the Managers' is the real mistake (a base checkpoint under a
@@ -158,14 +165,14 @@ def _register() -> None:
     # class that has its own (transformers looks class names up first: the bare model's layout differs)
     from transformers import conversion_mapping
 
-    pairs = [("llava_onevision", MODEL_TYPE)] + [(base.__name__, ours.__name__) for base, ours in MANAGER_CLASS_OF.items()]
+    pairs = [("llava_onevision", MODEL_TYPE)] + [
+        (base.__name__, ours.__name__) for base, ours in MANAGER_CLASS_OF.items()
+    ]
     for theirs, ours in pairs:
         mapping = conversion_mapping.get_checkpoint_conversion_mapping(theirs)
         if mapping is not None:
-            try:
+            with contextlib.suppress(ValueError):  # already registered (re-import)
                 conversion_mapping.register_checkpoint_conversion_mapping(ours, mapping)
-            except ValueError:  # already registered (re-import)
-                pass
 
 
 _register()

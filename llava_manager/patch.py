@@ -120,5 +120,3 @@ def unpatch_llava(model):
     _swap_config(model, model.config, original_config)
     use_manager_classes(model, managers=False)
     return model
-
-

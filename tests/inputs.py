@@ -42,4 +42,6 @@ def two_image_prompts_batch(processor=None):
     processor = processor or tiny_processor()
     processor.tokenizer.padding_side = "left"
     texts = [prompt(processor, "What color is the circle?", 1), prompt(processor, "Where?", 1)]
-    return processor(images=[picture(50, 30), picture(70, 90, "green", 1)], text=texts, return_tensors="pt", padding=True)
+    return processor(
+        images=[picture(50, 30), picture(70, 90, "green", 1)], text=texts, return_tensors="pt", padding=True
+    )

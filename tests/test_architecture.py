@@ -6,8 +6,18 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llava_manager"
 CORE = {
-    "attach", "checkpoint_replay", "config", "features", "forward_state", "injection", "managers", "modeling",
-    "packing", "patch", "version", "vision",
+    "attach",
+    "checkpoint_replay",
+    "config",
+    "features",
+    "forward_state",
+    "injection",
+    "managers",
+    "modeling",
+    "packing",
+    "patch",
+    "version",
+    "vision",
 }
 APPS = {"chat", "cli", "commands", "demo", "eval", "inspect_weights", "train"}
 GROUND_FLOOR = {"errors", "chat_format", "version"}  # import nothing of the package

@@ -26,7 +26,11 @@ def test_tiny_preset_reports_every_ratio(tmp_path):
     stdout, report = _run(tmp_path, "--repeats", "2", "--train-repeats", "1", "--warmup", "0", "--decode-steps", "2")
     assert [r["image_mode"] for r in report["results"]] == ["square", "anyres", "anyres_max_9"]
     for result in report["results"]:
-        for kind, phases in (("median_s", "prefill decode train"), ("peak_bytes", "prefill decode train"), ("flops", "prefill train")):
+        for kind, phases in (
+            ("median_s", "prefill decode train"),
+            ("peak_bytes", "prefill decode train"),
+            ("flops", "prefill train"),
+        ):
             ratios = result["ratios"][kind]
             assert sorted(ratios) == sorted(phases.split()), (kind, ratios)
             assert all(math.isfinite(value) and value > 0 for value in ratios.values()), (kind, ratios)
@@ -40,8 +44,19 @@ def test_tiny_preset_reports_every_ratio(tmp_path):
 @pytest.mark.parametrize("injection", ["projector"])
 def test_projector_injection_and_phase_selection(tmp_path, injection):
     _, report = _run(
-        tmp_path, "--injection", injection, "--images", "anyres", "--phases", "prefill",
-        "--repeats", "2", "--warmup", "1", "--no-memory", "--no-flops",
+        tmp_path,
+        "--injection",
+        injection,
+        "--images",
+        "anyres",
+        "--phases",
+        "prefill",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--no-memory",
+        "--no-flops",
     )
     (result,) = report["results"]
     assert report["meta"]["injection"] == injection
@@ -54,8 +69,20 @@ def test_cpu_run_restarts_with_steady_malloc(tmp_path, monkeypatch, system_mallo
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     flags = ["--system-malloc"] if system_malloc else []
     _, report = _run(
-        tmp_path, "--images", "square", "--phases", "decode", "--repeats", "1", "--warmup", "0",
-        "--decode-steps", "1", "--no-memory", "--no-flops", *flags,
+        tmp_path,
+        "--images",
+        "square",
+        "--phases",
+        "decode",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--decode-steps",
+        "1",
+        "--no-memory",
+        "--no-flops",
+        *flags,
     )
     steady = "glibc.malloc.mmap_threshold" in report["meta"]["malloc"]
     assert steady is not system_malloc, report["meta"]["malloc"]
@@ -64,17 +91,41 @@ def test_cpu_run_restarts_with_steady_malloc(tmp_path, monkeypatch, system_mallo
 
 def test_auto_interleave_without_checkpointing_times_whole_train_steps(tmp_path):
     _, report = _run(
-        tmp_path, "--images", "square", "--phases", "train", "--train-repeats", "1", "--warmup", "0",
-        "--no-memory", "--no-flops", "--no-gradient-checkpointing",
+        tmp_path,
+        "--images",
+        "square",
+        "--phases",
+        "train",
+        "--train-repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-memory",
+        "--no-flops",
+        "--no-gradient-checkpointing",
     )
-    assert report["meta"]["interleave"] == "layer (prefill), run (train)"  # lockstep train would hold two steps' activations
+    assert (
+        report["meta"]["interleave"] == "layer (prefill), run (train)"
+    )  # lockstep train would hold two steps' activations
     assert len(report["results"][0]["times_s"]["train"]["patched"]) == 1
 
 
 def test_run_interleave_mode_still_reports(tmp_path):
     _, report = _run(
-        tmp_path, "--interleave", "run", "--images", "square", "--phases", "prefill,train",
-        "--repeats", "1", "--warmup", "0", "--no-memory", "--no-flops", "--no-gradient-checkpointing",
+        tmp_path,
+        "--interleave",
+        "run",
+        "--images",
+        "square",
+        "--phases",
+        "prefill,train",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-memory",
+        "--no-flops",
+        "--no-gradient-checkpointing",
     )
     assert report["meta"]["interleave"] == "run" and report["meta"]["gradient_checkpointing"] is False
     assert len(report["results"][0]["times_s"]["train"]["vanilla"]) == 1

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from hub_stand_in import ORACLE_DIR, TOWER, write_checkpoint
+from PIL import Image
+from test_patch import perturb
+
 from llava_manager import ManagerConfig, patch_llava
 from llava_manager.cli import SUBCOMMANDS, build_parser, main
 from llava_manager.testing.tiny import tiny_model, tiny_processor
-from test_patch import perturb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,17 +83,46 @@ def test_no_subcommand_prints_help(capsys):
 
 # ---- chat ---------------------------------------------------------------------------------------------------
 def test_chat_streams_an_answer(tiny_checkpoint, image, capsys):
-    assert main(["chat", str(tiny_checkpoint), "--image", str(image), "--max-new-tokens", "4", "What color is it?"]) == 0
+    assert (
+        main(["chat", str(tiny_checkpoint), "--image", str(image), "--max-new-tokens", "4", "What color is it?"]) == 0
+    )
     streamed = capsys.readouterr().out
-    assert main(["chat", str(tiny_checkpoint), "--image", str(image), "--max-new-tokens", "4", "--no-stream",
-                 "What color is it?"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                str(tiny_checkpoint),
+                "--image",
+                str(image),
+                "--max-new-tokens",
+                "4",
+                "--no-stream",
+                "What color is it?",
+            ]
+        )
+        == 0
+    )
     whole = capsys.readouterr().out
     assert streamed.strip() == whole.strip()  # greedy: streaming prints the same answer
 
 
 def test_chat_with_two_images_and_sampling(tiny_checkpoint, image, capsys):
-    argv = ["chat", str(tiny_checkpoint), "--image", str(image), "--image", str(image), "--max-new-tokens", "3",
-            "--temperature", "0.8", "--seed", "3", "--no-stream", "Which is red?"]
+    argv = [
+        "chat",
+        str(tiny_checkpoint),
+        "--image",
+        str(image),
+        "--image",
+        str(image),
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--no-stream",
+        "Which is red?",
+    ]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert main(argv) == 0
@@ -193,9 +222,22 @@ def test_demo_output_dir_is_a_file(tmp_path, capsys):
 def test_console_script_error_is_two_lines_without_traceback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(
-        [sys.executable, "-m", "llava_manager.cli", "chat", str(tmp_path / "missing-model"), "--image",
-         str(tmp_path / "missing.png"), "What is it?"],
-        check=False, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "llava_manager.cli",
+            "chat",
+            str(tmp_path / "missing-model"),
+            "--image",
+            str(tmp_path / "missing.png"),
+            "What is it?",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=120,
     )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip() and "real_accelerator" not in line]

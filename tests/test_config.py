@@ -9,8 +9,14 @@ from llava_manager.testing.tiny import tiny_config
 def _real_depth_config():
     """LLaVA-OV-0.5B's depths (26-layer SigLIP, 24-layer Qwen2) at tiny widths."""
     vision = SiglipVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=26, num_attention_heads=2)
-    text = Qwen2Config(hidden_size=8, intermediate_size=8, num_hidden_layers=24, num_attention_heads=2,
-                       num_key_value_heads=1, vocab_size=32)
+    text = Qwen2Config(
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=24,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=32,
+    )
     return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=31, video_token_index=30)
 
 
@@ -27,8 +33,15 @@ def test_top_half_rule(depth, expected):
 
 
 def test_dict_round_trip():
-    config = ManagerConfig(manager_type="adaptive_cross", vision_layers=[1, 2], llm_layers=[0, 3], grid="grid",
-                           jitter=0.02, layer_embedding=False, query_token_id=5)
+    config = ManagerConfig(
+        manager_type="adaptive_cross",
+        vision_layers=[1, 2],
+        llm_layers=[0, 3],
+        grid="grid",
+        jitter=0.02,
+        layer_embedding=False,
+        query_token_id=5,
+    )
     assert ManagerConfig.from_dict(config.to_dict()) == config
     assert ImageLayout.from_dict(ImageLayout("square", "truncate").to_dict()) == ImageLayout("square", "truncate")
 

@@ -3,9 +3,10 @@
 
 import pytest
 import torch
+from inputs import single_image_batch
+from test_patch import CONFIGS, hook_counts, perturb
 from transformers import AutoModel, LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
-from inputs import single_image_batch
 from llava_manager import (
     LlavaOnevisionManagerForConditionalGeneration,
     LlavaOnevisionManagerModel,
@@ -16,7 +17,6 @@ from llava_manager import (
 )
 from llava_manager import injection as injection_module
 from llava_manager.testing.tiny import tiny_config, tiny_model
-from test_patch import CONFIGS, hook_counts, perturb
 
 BARE_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 

@@ -8,10 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-import llava_manager
 from hub_stand_in import (
     IMAGE_ID,
     ORACLE_DIR,
@@ -25,10 +21,14 @@ from hub_stand_in import (
     populate_hub_cache,
     write_checkpoint,
 )
-from llava_manager.cli import main
-from llava_manager.checkpoint.files import MARKER
-from llava_manager.processor import LlavaOnevisionManagerProcessor
 from oracle_cases import load_case, max_logit_diff
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import llava_manager
+from llava_manager.checkpoint.files import MARKER
+from llava_manager.cli import main
+from llava_manager.processor import LlavaOnevisionManagerProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

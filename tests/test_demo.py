@@ -73,7 +73,11 @@ def small_demo(tmp_path_factory):
     lines: list[str] = []
     before = dict(os.environ), torch.get_num_threads()
     result = run_demo(
-        tmp_path_factory.mktemp("demo") / "out", steps=3, compare=True, train_images=8, heldout_images=2,
+        tmp_path_factory.mktemp("demo") / "out",
+        steps=3,
+        compare=True,
+        train_images=8,
+        heldout_images=2,
         say=lines.append,
     )
     result.process_state_before_and_after = (before, (dict(os.environ), torch.get_num_threads()))
@@ -83,9 +87,16 @@ def small_demo(tmp_path_factory):
 def test_demo_writes_everything_it_promises(small_demo):
     result, lines = small_demo
     out = result.output_dir
-    for path in (result.weights_png, result.loss_png, result.summary_json, result.data.train_json,
-                 out / "manager" / "model.safetensors", out / "manager" / "config.json",
-                 out / "baseline" / "model.safetensors", out / "manager" / "train.log"):
+    for path in (
+        result.weights_png,
+        result.loss_png,
+        result.summary_json,
+        result.data.train_json,
+        out / "manager" / "model.safetensors",
+        out / "manager" / "config.json",
+        out / "baseline" / "model.safetensors",
+        out / "manager" / "train.log",
+    ):
         assert Path(path).is_file(), path
     printed = "\n".join(lines)
     for path in (result.weights_png, result.loss_png, result.summary_json, out / "manager", out / "baseline"):
@@ -133,8 +144,12 @@ def test_chat_and_inspect_on_the_demo_output(small_demo, tmp_path, capsys):
     result, _ = small_demo
     model_dir = result.output_dir / "manager"
     image = result.data.image_folder / result.example["image"]
-    assert main(["chat", str(model_dir), "--image", str(image), "--max-new-tokens", "3",
-                 QUESTIONS[result.example["type"]]]) == 0
+    assert (
+        main(
+            ["chat", str(model_dir), "--image", str(image), "--max-new-tokens", "3", QUESTIONS[result.example["type"]]]
+        )
+        == 0
+    )
     assert main(["inspect", str(model_dir), "--out", str(tmp_path / "w.png")]) == 0
     assert result.weights_table in capsys.readouterr().out
     assert (tmp_path / "w.png").is_file()
@@ -165,7 +180,12 @@ def test_demo_command_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, "-m", "llava_manager.cli", "demo", "--output-dir", str(out), "--steps", "40", "--compare"],
-        check=False, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out accuracy" in result.stdout and str(out / "loss_curves.png") in result.stdout

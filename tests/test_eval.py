@@ -52,9 +52,13 @@ def test_image_placeholders_like_the_authors_model():
 
 
 def test_conversational_context_and_unknown_template():
-    turns = json.dumps([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Q"}])
+    turns = json.dumps(
+        [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Q"}]
+    )
     prompt = build_prompt(turns, num_images=0)
-    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.endswith(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    )
     with pytest.raises(ValueError, match="qwen_1_5"):
         get_template("vicuna_v1")
 
@@ -91,7 +95,12 @@ def _fixture_requests(docs, gen_kwargs):
         return [Image.open(FIXTURE_TASK / path) for path in doc["images"]]
 
     return [
-        Instance("generate_until", (doc["question"], dict(gen_kwargs), doc_to_visual, index, "tiny", "test"), idx=0, metadata={"task": "tiny", "doc_id": index, "repeats": 1})
+        Instance(
+            "generate_until",
+            (doc["question"], dict(gen_kwargs), doc_to_visual, index, "tiny", "test"),
+            idx=0,
+            metadata={"task": "tiny", "doc_id": index, "repeats": 1},
+        )
         for index, doc in enumerate(docs)
     ]
 
@@ -117,10 +126,16 @@ def test_entry_point_exposes_the_model_to_lmms_eval():
     declared = "lmms_eval.models" in (ROOT / "setup.cfg").read_text()
     installed = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "llava_manager"]
     if declared and not installed:
-        pytest.skip("setup.cfg declares the lmms_eval.models entry point but this install predates it: pip install -e . --no-deps")
-    assert installed, "setup.cfg must declare [options.entry_points] lmms_eval.models = llava_manager = llava_manager.eval.manifest:MANIFEST"
+        pytest.skip(
+            "setup.cfg declares the lmms_eval.models entry point but this install predates it: pip install -e . --no-deps"
+        )
+    assert installed, (
+        "setup.cfg must declare [options.entry_points] lmms_eval.models = llava_manager = llava_manager.eval.manifest:MANIFEST"
+    )
     code = "from lmms_eval.models import get_model; c = get_model('llava_manager'); print(c.__module__ + '.' + c.__name__)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_clean_env(), check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_clean_env(), check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "llava_manager.eval.model.LlavaManager"
 
@@ -135,9 +150,16 @@ def test_batched_generation_equals_one_by_one(tiny_manager_dir):
     docs = json.loads((FIXTURE_TASK / "questions.json").read_text())
     answers = {}
     for batch_size in (1, 3):
-        lm = LlavaManager(pretrained=str(tiny_manager_dir), batch_size=batch_size, conv_template="qwen_1_5", model_name="llava_qwen_manager")
+        lm = LlavaManager(
+            pretrained=str(tiny_manager_dir),
+            batch_size=batch_size,
+            conv_template="qwen_1_5",
+            model_name="llava_qwen_manager",
+        )
         lm.task_dict = {"tiny": {"test": docs}}
-        results = lm.generate_until(_fixture_requests(docs, {"max_new_tokens": 5, "until": ["\n\n"], "temperature": 0.2, "do_sample": False}))
+        results = lm.generate_until(
+            _fixture_requests(docs, {"max_new_tokens": 5, "until": ["\n\n"], "temperature": 0.2, "do_sample": False})
+        )
         answers[batch_size] = [(result.text, result.token_counts.output_tokens) for result in results]
     assert answers[1] == answers[3]  # left padding changes nothing, in the original order
     assert any(text for text, _ in answers[1]), "the tiny model should say something"
@@ -156,7 +178,13 @@ def test_model_args(tiny_manager_dir):
     with pytest.raises(ValueError, match="conv_template"):
         LlavaManager(pretrained=str(tiny_manager_dir), conv_template="vicuna_v1")
     # the authors' llava_onevision args are accepted and ignored
-    lm = LlavaManager(pretrained=str(tiny_manager_dir), conv_template="qwen_1_5", model_name="llava_qwen_manager", truncate_context=False, dtype="float32")
+    lm = LlavaManager(
+        pretrained=str(tiny_manager_dir),
+        conv_template="qwen_1_5",
+        model_name="llava_qwen_manager",
+        truncate_context=False,
+        dtype="float32",
+    )
     assert lm.world_size == 1 and lm.rank == 0 and lm.model.dtype.is_floating_point
 
 
@@ -211,7 +239,9 @@ def test_lmms_eval_cli_end_to_end_offline(tiny_manager_dir, tmp_path):
 
     # the logged prompts: system turn, image placeholders before the question, none for text-only
     plain = re.sub(r"\x1b\[[0-9;]*m", "", log)  # loguru colours
-    prompts = dict(re.findall(r"Prompt for tiny_shapes doc (\d+):\n(.*?<\|im_start\|>assistant\n)", plain, flags=re.DOTALL))
+    prompts = dict(
+        re.findall(r"Prompt for tiny_shapes doc (\d+):\n(.*?<\|im_start\|>assistant\n)", plain, flags=re.DOTALL)
+    )
     assert set(prompts) == {"0", "1", "2", "3"}, plain[-3000:]
     assert prompts["0"].startswith(SYSTEM_TURN + "<|im_start|>user\n<image>\nWhat color is the circle?")
     assert "<|im_start|>user\n<image> <image>\nHow many images are there?" in prompts["2"]
@@ -246,7 +276,9 @@ def _comparable(value):
 def test_paper_overrides_equal_lmms_eval_except_restored_keys(name, monkeypatch):
     if name.startswith("mathvista") and find_spec("Levenshtein") is None:
         pytest.skip("MathVista's utils need Levenshtein (in the [eval] extra)")
-    monkeypatch.setenv("OPENAI_API_KEY", os.environ.get("OPENAI_API_KEY", "unused-offline"))  # judges build clients at import
+    monkeypatch.setenv(
+        "OPENAI_API_KEY", os.environ.get("OPENAI_API_KEY", "unused-offline")
+    )  # judges build clients at import
     import lmms_eval.tasks
     from lmms_eval import utils
 
@@ -258,7 +290,9 @@ def test_paper_overrides_equal_lmms_eval_except_restored_keys(name, monkeypatch)
     for key, value in restored.items():
         assert ours[key] == value
     skip = {"task", "tag", *restored}
-    assert {k: _comparable(v) for k, v in ours.items() if k not in skip} == {k: _comparable(v) for k, v in theirs.items() if k not in skip}
+    assert {k: _comparable(v) for k, v in ours.items() if k not in skip} == {
+        k: _comparable(v) for k, v in theirs.items() if k not in skip
+    }
 
 
 @needs_lmms_eval

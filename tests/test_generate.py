@@ -5,12 +5,12 @@ import inspect
 
 import pytest
 import torch
+from inputs import single_image_batch, two_image_prompts_batch
+from test_patch import perturb
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from inputs import single_image_batch, two_image_prompts_batch
 from llava_manager import ManagerConfig, patch_llava
 from llava_manager.testing.tiny import tiny_model
-from test_patch import perturb
 
 CONFIGS = {
     "static": ManagerConfig(llm_layers=[0, 1, 3]),
@@ -60,10 +60,12 @@ def test_decode_steps_do_no_manager_work():
 
 def test_managers_change_the_generated_distribution():
     batch = single_image_batch()
-    plain = tiny_model().generate(**batch, max_new_tokens=2, do_sample=False, output_logits=True,
-                                  return_dict_in_generate=True)
-    managed = _model("static").generate(**batch, max_new_tokens=2, do_sample=False, output_logits=True,
-                                        return_dict_in_generate=True)
+    plain = tiny_model().generate(
+        **batch, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    managed = _model("static").generate(
+        **batch, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     assert (managed.logits[0] - plain.logits[0]).abs().max() > 1e-3
 
 
@@ -74,7 +76,7 @@ def test_a_generated_image_token_is_a_plain_token():
     with torch.no_grad():
         model.lm_head.weight[image_token] += 100.0  # make the model emit <image>
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
-    assert (out[0, batch["input_ids"].shape[1]:] == image_token).all()
+    assert (out[0, batch["input_ids"].shape[1] :] == image_token).all()
 
 
 def _pre_encoded(model, batch):
@@ -89,8 +91,13 @@ def _chunked_prefill_logits(model, batch):
     inputs, encoded = _pre_encoded(model, batch)
     assert inputs["input_ids"].shape[1] > 2 * 7  # several chunks, the image split across them
     return model.generate(
-        **inputs, mm_encoder_outputs=encoded, prefill_chunk_size=7, max_new_tokens=4, do_sample=False,
-        output_logits=True, return_dict_in_generate=True,
+        **inputs,
+        mm_encoder_outputs=encoded,
+        prefill_chunk_size=7,
+        max_new_tokens=4,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
 
 
@@ -100,7 +107,9 @@ def _vanilla_chunks_images_exactly() -> bool:
     if "mm_encoder_outputs" not in inspect.signature(LlavaOnevisionForConditionalGeneration.forward).parameters:
         return False
     model, batch = tiny_model(), single_image_batch()
-    whole = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    whole = model.generate(
+        **batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     chunked = _chunked_prefill_logits(model, batch)
     return torch.allclose(chunked.logits[0], whole.logits[0], atol=1e-5, rtol=0)
 
@@ -109,7 +118,9 @@ def test_chunked_prefill_with_static_managers_matches_one_prefill():
     if not _vanilla_chunks_images_exactly():
         pytest.skip("this transformers cannot prefill images in chunks, even without Managers")
     model, batch = _model("static"), single_image_batch()
-    whole = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    whole = model.generate(
+        **batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     chunked = _chunked_prefill_logits(model, batch)
     assert torch.equal(chunked.sequences, whole.sequences)
     torch.testing.assert_close(chunked.logits[0], whole.logits[0], atol=1e-5, rtol=0)
@@ -139,7 +150,10 @@ def test_adaptive_managers_refuse_image_tokens_after_a_filled_cache(cache_argume
         head = model(input_ids=batch["input_ids"][:, :first_image], use_cache=True)
         with pytest.raises(ManagerError, match="filled KV cache"):
             model(
-                input_ids=batch["input_ids"][:, first_image:], pixel_values=batch["pixel_values"],
-                image_sizes=batch["image_sizes"], attention_mask=batch["attention_mask"],
-                use_cache=True, **{cache_argument: head.cache if "cache" in _FORWARD_PARAMETERS else head.past_key_values},
+                input_ids=batch["input_ids"][:, first_image:],
+                pixel_values=batch["pixel_values"],
+                image_sizes=batch["image_sizes"],
+                attention_mask=batch["attention_mask"],
+                use_cache=True,
+                **{cache_argument: head.cache if "cache" in _FORWARD_PARAMETERS else head.past_key_values},
             )

@@ -11,9 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file
-
 from hub_stand_in import (
     IMAGE_ID,
     ORACLE_DIR,
@@ -26,12 +23,14 @@ from hub_stand_in import (
     populate_hub_cache,
     zero_managers,
 )
-from llava_manager.checkpoint import conversion, files, formats, source
-from llava_manager.checkpoint import from_pretrained
+from oracle_cases import load_case, max_logit_diff
+from PIL import Image
+from safetensors.torch import load_file
+
+from llava_manager.checkpoint import conversion, files, formats, from_pretrained, source
 from llava_manager.errors import ConversionError, HubError
 from llava_manager.modeling import LlavaOnevisionManagerForConditionalGeneration
 from llava_manager.processor import LlavaOnevisionManagerProcessor
-from oracle_cases import load_case, max_logit_diff
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +190,9 @@ def test_hf_format_folders_load_directly(stand_in, converted_dir, tmp_path, monk
     resolved = source.resolve(REPO_ID, "Baseline + Manager", cache_dir=stand_in.cache)
     out = conversion.convert_checkpoint(resolved, tmp_path / "hf-format")
     assert formats.detect_format(out).kind == "hf"
-    monkeypatch.setattr(conversion, "convert_checkpoint", lambda *a, **k: pytest.fail("an HF-format folder was converted"))
+    monkeypatch.setattr(
+        conversion, "convert_checkpoint", lambda *a, **k: pytest.fail("an HF-format folder was converted")
+    )
     model, processor = from_pretrained(out, conversion_cache_dir=converted_dir)
     assert isinstance(model, LlavaOnevisionManagerForConditionalGeneration) and model.config.manager is not None
     assert processor.image_layout == {"mode": "square", "unpad": "truncate"}

@@ -6,9 +6,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from hub_stand_in import ORACLE_DIR, TOWER, write_checkpoint
+from PIL import Image
+from test_patch import perturb
+
 from llava_manager import ManagerConfig, ManagerError, patch_llava
 from llava_manager.cli import main
 from llava_manager.inspect_weights import (
@@ -19,7 +20,6 @@ from llava_manager.inspect_weights import (
     read_manager_stack,
 )
 from llava_manager.testing.tiny import tiny_model, tiny_processor
-from test_patch import perturb
 
 
 def patched(config=None, seed=1):

@@ -3,11 +3,11 @@ features checked against transformers' own packing (an independent implementatio
 
 import pytest
 import torch
-
 from inputs import multi_image_batch, single_image_batch
+from test_patch import perturb
+
 from llava_manager import ImageLayout, ManagerConfig, patch_llava
 from llava_manager.testing.tiny import tiny_model
-from test_patch import perturb
 
 BASE_TOKENS = 16  # (32 px / 8 px patches)^2 tokens per crop in the tiny model
 
@@ -120,7 +120,7 @@ def test_gather_projects_only_the_rows_the_layout_keeps(size):
         patched = patch_llava(tiny_model(vision_aspect_ratio="anyres"), ManagerConfig(vision_layers=layers, grid=grid))
         calls = []
         hook = patched.model.multi_modal_projector.register_forward_hook(
-            lambda module, args, out: calls.append(args[0].shape)
+            lambda module, args, out, calls=calls: calls.append(args[0].shape)
         )
         with torch.no_grad():
             output = patched.model.get_image_features(batch["pixel_values"], batch["image_sizes"])
@@ -133,7 +133,8 @@ def test_gather_projects_only_the_rows_the_layout_keeps(size):
     newlines = int((packed == patched.model.image_newline).all(-1).sum())
     assert seen_rows["base"] == BASE_TOKENS == tokens
     assert seen_rows["all"] == packed.shape[0] - newlines  # the kept rows, no stand-ins for the newlines
-    assert 0 < newlines and packed.shape[0] - newlines < crops * tokens  # unpadding dropped rows of the grid
+    assert newlines > 0 and packed.shape[0] - newlines < crops * tokens  # unpadding dropped rows of the grid
+
 
 def test_square_layout_is_one_crop_without_newline():
     batch = single_image_batch(size=(50, 30))
@@ -142,3 +143,31 @@ def test_square_layout_is_one_crop_without_newline():
         features = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"])
     assert features.pooler_output[0].shape[0] == BASE_TOKENS
     assert features.deepstack_features[0][0].shape[0] == BASE_TOKENS
+
+
+def test_per_image_features_are_joined_without_a_copy_only_when_they_are_the_split_ones():
+    from llava_manager.injection import _join_rows
+
+    whole = torch.randn(10, 6)  # (T, N * D)
+    parts = list(whole.split([4, 6]))
+    joined = (tuple(parts), whole)
+    assert _join_rows(parts, parts, joined) is whole
+    rearranged = [parts[1], parts[0]]  # e.g. generation re-ordering images: the parts must be concatenated
+    assert torch.equal(_join_rows(rearranged, rearranged, joined), torch.cat(rearranged))
+    sliced = [parts[0], parts[1][:3]]
+    assert torch.equal(_join_rows(sliced, sliced, joined), torch.cat(sliced))
+    copies = [p.clone() for p in parts]  # equal values, other tensors: never mistaken for the split ones
+    assert _join_rows(copies, copies, joined) is not whole
+
+
+def test_a_two_image_forward_hands_the_injection_the_tensor_its_features_split():
+    model = patch_llava(tiny_model(), ManagerConfig(vision_layers=[1, 2], llm_layers=[0, 1]))
+    batch = multi_image_batch()
+    with torch.no_grad():
+        output = model.model.get_image_features(
+            batch["pixel_values"], batch["image_sizes"], batch_num_images=torch.tensor([2])
+        )
+    parts = output.deepstack_features[0]
+    split_parts, whole = output.joined_layer_features
+    assert len(parts) == 2 and all(a is b for a, b in zip(split_parts, parts))
+    assert torch.equal(whole, torch.cat(parts))

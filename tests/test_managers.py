@@ -17,7 +17,9 @@ def block_elements(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("shape", [(37, 5, 8), (3, 11, 5, 8)], ids=["tokens-layers-width", "crops-tokens-layers-width"])
+@pytest.mark.parametrize(
+    "shape", [(37, 5, 8), (3, 11, 5, 8)], ids=["tokens-layers-width", "crops-tokens-layers-width"]
+)
 @pytest.mark.parametrize("used", [5, 4], ids=["all-layers", "first-n-1"])
 def test_weighted_layer_sum_matches_autograd(shape, used, block_elements):
     generator = torch.Generator().manual_seed(0)

@@ -2,11 +2,10 @@
 every case's logits over the whole expanded sequence, through `load_original`."""
 
 import pytest
+from oracle_cases import CASES, IM_START, case_logits, hf_inputs, load_case, max_logit_diff
 
 import llava_manager
 from llava_manager.injection import instruction_positions
-from oracle_cases import CASES, IM_START, case_logits, hf_inputs, load_case, max_logit_diff
-
 
 # The fixtures' README suggests atol 1e-4 on logits (max |logit| about 20), or exact equality with eager attention. The
 # Managers move these logits by 6 to 25 (README section 7), so 1e-4 still rejects any wrong layer, weight or position.
@@ -33,7 +32,9 @@ def test_instruction_span_matches_the_original(name):
     case = load_case(name)
     inputs = hf_inputs(case, image_token_id=127)
     ids = inputs["input_ids"][0].tolist()
-    span = instruction_positions([i == 127 for i in ids], [i == IM_START for i in ids], inputs["attention_mask"][0].bool().tolist())
+    span = instruction_positions(
+        [i == 127 for i in ids], [i == IM_START for i in ids], inputs["attention_mask"][0].bool().tolist()
+    )
     assert span == case.meta["samples"][0]["query_positions"]
 
 

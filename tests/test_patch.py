@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from inputs import multi_image_batch, single_image_batch, text_only_batch
 from torch import nn
 
-from inputs import multi_image_batch, single_image_batch, text_only_batch
 from llava_manager import ManagerConfig, ManagerError, is_patched, patch_llava, unpatch_llava
 from llava_manager.testing.tiny import tiny_model
 
@@ -25,7 +25,11 @@ def hook_counts(model):
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
-BATCHES = {"single image with grid": single_image_batch, "multi-image": multi_image_batch, "text-only": text_only_batch}
+BATCHES = {
+    "single image with grid": single_image_batch,
+    "multi-image": multi_image_batch,
+    "text-only": text_only_batch,
+}
 CONFIGS = {
     "static": ManagerConfig(),
     "adaptive_cross": ManagerConfig(manager_type="adaptive_cross", llm_layers=[0, 1, 3], query_token_id=1),

@@ -9,18 +9,18 @@ import random
 import numpy as np
 import pytest
 import torch
+from hub_stand_in import IMAGE_ID, ORACLE_DIR, VIDEO_ID, oracle_prompt, oracle_tokenizer, write_checkpoint
+from oracle_cases import CASES, load_case, pixel_crops
 from PIL import Image
 from transformers import AutoProcessor, LlavaOnevisionProcessor, PreTrainedTokenizerFast
 from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
 
 import llava_manager
-from hub_stand_in import IMAGE_ID, ORACLE_DIR, VIDEO_ID, oracle_prompt, oracle_tokenizer, write_checkpoint
-from llava_manager.config import ManagerError
-from llava_manager.errors import ConversionError
 from llava_manager.chat_format import CHAT_TEMPLATE
 from llava_manager.checkpoint.assembly import build_processor, prepare_tokenizer
+from llava_manager.config import ManagerError
+from llava_manager.errors import ConversionError
 from llava_manager.processor import LlavaOnevisionManagerImageProcessor, LlavaOnevisionManagerProcessor
-from oracle_cases import CASES, load_case, pixel_crops
 
 STAGE_1_5_PINPOINTS_WH = [[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]
 ODD_SIZES_WH = [(500, 300), (1500, 1100), (300, 2000)]

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from inputs import single_image_batch
+from test_patch import perturb
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from inputs import single_image_batch
 from llava_manager import ManagerConfig, ManagerError, is_patched, patch_llava, unpatch_llava
 from llava_manager.testing.tiny import tiny_model
-from test_patch import perturb
 
 CONFIGS = [
     ManagerConfig(llm_layers=[0, 2], grid="base"),

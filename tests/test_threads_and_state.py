@@ -9,11 +9,11 @@ import weakref
 
 import pytest
 import torch
-
 from inputs import multi_image_batch, picture, prompt, single_image_batch, text_only_batch
+from test_patch import perturb
+
 from llava_manager import ManagerConfig, patch_llava
 from llava_manager.testing.tiny import tiny_model, tiny_processor
-from test_patch import perturb
 
 CONFIGS = {
     "static": ManagerConfig(llm_layers=[0, 1, 3]),
@@ -31,9 +31,7 @@ def _requests():
 
 
 def _generate(model, batch):
-    out = model.generate(
-        **batch, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True
-    )
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
     return out.sequences, torch.stack(out.scores)
 
 
@@ -119,7 +117,8 @@ def test_no_deprecation_warning_from_our_code(tmp_path):
         hf_logging.get_logger("transformers").removeHandler(records)
     deprecated = [m for m in records.messages if "deprecat" in m.lower()]
     ours = [
-        str(w.message) for w in caught
+        str(w.message)
+        for w in caught
         if issubclass(w.category, (DeprecationWarning, FutureWarning)) and "llava_manager" in (w.filename or "")
     ]
     assert not deprecated and not ours, (deprecated, ours)

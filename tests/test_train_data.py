@@ -86,7 +86,8 @@ def test_labels_only_on_answers(tmp_path, processor):
     # the processor's own count of image tokens (64x48 image, anyres)
     assert ids.count(image_id) == len(
         processor.replace_image_token(
-            processor.image_processor([[__import__("PIL").Image.open(tmp_path / "img" / name)]], return_tensors="pt"), 0
+            processor.image_processor([[__import__("PIL").Image.open(tmp_path / "img" / name)]], return_tensors="pt"),
+            0,
         )
     ) // len(processor.image_token)
     # labels agree with input_ids wherever they are set
@@ -220,7 +221,10 @@ def test_mixture_sampling_strategies(tmp_path):
             r"id 'x2'.*2 <image> placeholder\(s\) but the sample has 1 image",
         ),
         (
-            {"id": "x3", "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "Red."}]},
+            {
+                "id": "x3",
+                "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "Red."}],
+            },
             r"id 'x3'.*1 <image> placeholder\(s\) but the sample has 0 image",
         ),
         (

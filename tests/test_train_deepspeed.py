@@ -71,7 +71,9 @@ def _generate_matches_the_reloaded_model(trainer, reloaded):
     newline = module.model.image_newline
     newline.partition()  # the eval forward above may have left it gathered
     assert newline.numel() == 0 and newline.ds_numel > 0  # really partitioned
-    sample = next(i for i in range(len(trainer.train_dataset)) if trainer.train_dataset[i].get("pixel_values") is not None)
+    sample = next(
+        i for i in range(len(trainer.train_dataset)) if trainer.train_dataset[i].get("pixel_values") is not None
+    )
     batch = trainer.data_collator([trainer.train_dataset[sample]])
     batch = {k: v for k, v in batch.items() if k not in ("labels", "dropped_samples")}
     assert int(batch["image_sizes"][0].prod()) > 0 and module.config.image_grid_pinpoints  # an AnyRes image

@@ -9,10 +9,10 @@ import pytest
 import torch
 from train_helpers import keep_torch_threads, tiny_recipe
 
+from llava_manager.attach import unwrap
 from llava_manager.train import main as train_main
 from llava_manager.train.main import build_trainer, train
 from llava_manager.train.recipe import PARTS, RecipeError
-from llava_manager.attach import unwrap
 from llava_manager.train.trainer import parameter_parts
 
 LRS = "{manager: 3.0e-2, projector: 2.0e-3, vision_tower: 1.0e-4, language_model: 5.0e-4}"

@@ -9,7 +9,6 @@ Runs three pytest processes (about 40 s each); the sdist is downloaded once with
 import os
 
 import pytest
-
 from transformers_suite.run import lost, run_mode, summary
 from transformers_suite.sdist import SuiteUnavailable, transformers_tests_root
 

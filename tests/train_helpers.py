@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llava_manager.train.recipe import load_recipe
 from llava_manager.testing.synthetic import draw_shape, write_shapes_dataset
+from llava_manager.train.recipe import load_recipe
 
 
 def shapes_data(folder: Path, n: int = 12, kinds=("single", "multi", "text"), seed: int = 0) -> tuple[Path, Path]:

@@ -46,7 +46,9 @@ def prepare_tokenizer(tokenizer_or_path, original_config: dict | None = None):
         try:  # a folder, or a Hub id (AutoTokenizer then fetches the tokenizer files only)
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_or_path), **hint)
         except Exception as error:
-            raise ConversionError(f"the tokenizer {os.fspath(tokenizer_or_path)!r} cannot be loaded: {error}") from None
+            raise ConversionError(
+                f"the tokenizer {os.fspath(tokenizer_or_path)!r} cannot be loaded: {error}"
+            ) from None
     else:
         tokenizer = copy.deepcopy(tokenizer_or_path)
     missing = [token for token in ("<image>", "<video>") if token not in tokenizer.get_vocab()]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConversionError, ManagerError
+from ..extras import require_extra
 from .files import MARKER
 from .folders import atomic_directory
 from .formats import detect_format
@@ -58,6 +59,9 @@ def convert_checkpoint(
     Returns:
         `Path`: `out_dir`.
     """
+    require_extra(
+        "vision", "converting a checkpoint (it writes transformers' LLaVA-OV processor, video part included)"
+    )
     source = source if isinstance(source, ResolvedSource) else ResolvedSource(path=Path(source).resolve())
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):

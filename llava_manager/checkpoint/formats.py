@@ -1,5 +1,4 @@
-"""Which format a checkpoint folder is in: our HF format (loads directly) or the original LLaVA-NeXT one (converted).
-"""
+"""Which format a checkpoint folder is in: our HF format (loads directly) or the original LLaVA-NeXT one (converted)."""
 
 from __future__ import annotations
 

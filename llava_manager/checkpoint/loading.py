@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConversionError
+from ..extras import require_extra
 from . import conversion
 from .cache import cache_entry, default_cache_dir, is_converted, tokenizer_variant
 from .formats import detect_format
@@ -78,6 +79,7 @@ def from_pretrained(
     >>> answer = processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs["input_ids"].shape[1]:])
     ```
     """
+    require_extra("vision", "loading a checkpoint's processor (transformers' LLaVA-OV video processor)")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .. import processor as _registers_processor_classes  # noqa: F401

@@ -67,10 +67,18 @@ def _vision_tower_config(name: str, search_dirs: list[Path]) -> dict:
         if config_file.is_file():
             data = json.loads(config_file.read_text())
             data = data.get("vision_config", data)
-            keys = (
-                "hidden_size intermediate_size num_hidden_layers num_attention_heads image_size patch_size "
-                "hidden_act layer_norm_eps attention_dropout num_channels"
-            ).split()
+            keys = [
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "image_size",
+                "patch_size",
+                "hidden_act",
+                "layer_norm_eps",
+                "attention_dropout",
+                "num_channels",
+            ]
             return {k: data[k] for k in keys if k in data}
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
@@ -175,9 +183,7 @@ def expand_pinpoint_range(text: str, crop: int) -> list[list[int]]:
             f"image_grid_pinpoints={text!r} is not a range: the first grid must be at least (1x1) and not larger "
             "than the last, as in '(1x1),...,(6x6)'"
         )
-    return [
-        [h * crop, w * crop] for w in range(first_w, last_w + 1) for h in range(first_h, last_h + 1)
-    ]
+    return [[h * crop, w * crop] for w in range(first_w, last_w + 1) for h in range(first_h, last_h + 1)]
 
 
 def _original_pinpoints(value, crop: int) -> list[list[int]]:
@@ -266,7 +272,9 @@ def tokenizer_token_ids(checkpoint_dir: Path, vocab_size: int) -> dict[str, int]
     except (OSError, ValueError, TypeError, KeyError) as error:  # AutoTokenizer's ways of saying "cannot read it"
         logger.warning(
             "the tokenizer in %s cannot be read (%s); the <image>/<video>/<|im_start|> ids come from the arguments "
-            "or their defaults", checkpoint_dir, error,
+            "or their defaults",
+            checkpoint_dir,
+            error,
         )
         return {}
     vocab = tokenizer.get_vocab()
@@ -360,7 +368,7 @@ def load_original(
 
 def _load_mapped(model, state_dict, *, tied: bool, square: bool, dtype) -> None:
     """Rename, reshape and shape-check the original weights, then load them (strict)."""
-    expected = {name: tensor for name, tensor in model.state_dict().items()}
+    expected = dict(model.state_dict())
     mapped = {}
     for key in sorted(state_dict):
         target = map_key(key)

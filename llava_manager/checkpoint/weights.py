@@ -56,7 +56,9 @@ def check_weights(
             "(`--allow-pickle`): they are then read with torch.load(weights_only=True)."
         )
     if not pickles:
-        raise ConversionError(f"{path} has no weights (model.safetensors, sharded *.safetensors, or pytorch_model.bin)")
+        raise ConversionError(
+            f"{path} has no weights (model.safetensors, sharded *.safetensors, or pytorch_model.bin)"
+        )
     return [], pickles
 
 
@@ -69,7 +71,9 @@ def read_weights(safetensors: list[Path], pickles: list[Path] = ()) -> dict[str,
         try:
             state.update(load_file(str(file)))
         except Exception as error:  # as in check_weights: any failure here means an unreadable file
-            raise ConversionError(f"{file} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+            raise ConversionError(
+                f"{file} is not a readable safetensors file (truncated or corrupt?): {error}"
+            ) from None
     for file in pickles:
         try:
             loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)

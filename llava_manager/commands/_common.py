@@ -12,7 +12,9 @@ def add_debug_flag(parser) -> None:
     """Accept `--debug` after the subcommand too (`llava-manager chat --debug ...`)."""
     import argparse
 
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors"
+    )
 
 
 def quiet_transformers(debug: bool) -> None:

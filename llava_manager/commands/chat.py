@@ -29,16 +29,24 @@ def register(subparsers) -> None:
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder or Hub repo id")
     parser.add_argument("question", metavar="QUESTION", help="the question (quote it)")
     parser.add_argument(
-        "--image", action="append", default=[], metavar="PATH",
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
         help="image file (PNG, JPEG, ...); repeat for several images; none = a text-only question",
     )
     parser.add_argument("--subfolder", default=None, help='folder inside MODEL, e.g. "Baseline + Grid + Manager"')
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
     parser.add_argument(
-        "--temperature", type=float, default=0.0, help="0 = greedy (default, reproducible); > 0 = sample at this temperature"
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy (default, reproducible); > 0 = sample at this temperature",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (with --temperature > 0)")
-    parser.add_argument("--no-stream", action="store_true", help="print the whole answer at the end instead of streaming")
+    parser.add_argument(
+        "--no-stream", action="store_true", help="print the whole answer at the end instead of streaming"
+    )
     add_debug_flag(parser)
     parser.set_defaults(func=run)
 
@@ -63,8 +71,13 @@ def run(args) -> int:
 
         transformers.set_seed(args.seed)
     answer = ask(
-        model, processor, images, args.question,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, stream=not args.no_stream,
+        model,
+        processor,
+        images,
+        args.question,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        stream=not args.no_stream,
     )
     if args.no_stream:
         print(answer)

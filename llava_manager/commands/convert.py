@@ -39,7 +39,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     progress = parser.add_mutually_exclusive_group()
-    progress.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
+    progress.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="always show progress"
+    )
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
     parser.set_defaults(func=run)
 

@@ -32,16 +32,24 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--output-dir", default="outputs/demo",
+        "--output-dir",
+        default="outputs/demo",
         help="where everything goes (default outputs/demo; an earlier demo's output there is replaced)",
     )
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per model (default {DEFAULT_STEPS})")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per model (default {DEFAULT_STEPS})"
+    )
     parser.add_argument("--compare", action="store_true", help="also train the unpatched model; plot both loss curves")
     parser.add_argument(
-        "--train-images", type=int, default=DEFAULT_TRAIN_IMAGES, help=f"training images (default {DEFAULT_TRAIN_IMAGES})"
+        "--train-images",
+        type=int,
+        default=DEFAULT_TRAIN_IMAGES,
+        help=f"training images (default {DEFAULT_TRAIN_IMAGES})",
     )
     parser.add_argument(
-        "--heldout-images", type=int, default=DEFAULT_HELDOUT_IMAGES,
+        "--heldout-images",
+        type=int,
+        default=DEFAULT_HELDOUT_IMAGES,
         help=f"held-out images, 3 questions each (default {DEFAULT_HELDOUT_IMAGES})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for data, model init and training (default 0)")
@@ -50,8 +58,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..errors import CommandError
     from ..demo import run_demo
+    from ..errors import CommandError
 
     for name in ("steps", "train_images", "heldout_images"):
         if getattr(args, name) < 1:

@@ -10,5 +10,12 @@ from .pipeline import DEFAULT_STEPS, DemoError, DemoResult, HeldoutScore, RunRes
 from .shapes import DemoData, write_demo_dataset
 
 __all__ = [
-    "DEFAULT_STEPS", "DemoData", "DemoError", "DemoResult", "HeldoutScore", "RunResult", "run_demo", "write_demo_dataset",
+    "DEFAULT_STEPS",
+    "DemoData",
+    "DemoError",
+    "DemoResult",
+    "HeldoutScore",
+    "RunResult",
+    "run_demo",
+    "write_demo_dataset",
 ]

@@ -136,7 +136,9 @@ def _one_thread():
 
 
 # ---- training --------------------------------------------------------------------------------------------
-def demo_overrides(data: DemoData, run_dir: Path, steps: int, seed: int, managers: bool, extra: dict | None = None) -> dict:
+def demo_overrides(
+    data: DemoData, run_dir: Path, steps: int, seed: int, managers: bool, extra: dict | None = None
+) -> dict:
     """Overrides of the shipped `tiny_cpu` recipe: the demo's data, steps, seed and output folder (and `extra`)."""
     overrides = {
         "data_path": str(data.train_json),
@@ -193,11 +195,14 @@ def train_run(name: str, overrides: dict, say: Callable[[str], None]) -> RunResu
             losses.append((entry["step"], entry["loss"]))
             step = entry["step"]
             if step == 1 or step % every == 0 or step == recipe.max_steps:
-                say(f"    step {step:4d}/{recipe.max_steps}  loss {entry['loss']:.3f}  ({time.perf_counter() - start:.0f} s)")
+                say(
+                    f"    step {step:4d}/{recipe.max_steps}  loss {entry['loss']:.3f}  ({time.perf_counter() - start:.0f} s)"
+                )
 
     with open(log_file, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_worker_environment(),
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=_worker_environment(), start_new_session=True
+        )
         try:
             while process.poll() is None:
                 time.sleep(0.25)
@@ -254,8 +259,16 @@ def score(model, processor, data: DemoData) -> HeldoutScore:
     for sample, answer in zip(samples, answers):
         expected = sample["conversations"][1]["value"]
         ok = normalise(answer) == expected
-        records.append({"id": sample["id"], "image": sample["image"], "type": sample["question_type"],
-                        "expected": expected, "answer": answer, "correct": ok})
+        records.append(
+            {
+                "id": sample["id"],
+                "image": sample["image"],
+                "type": sample["question_type"],
+                "expected": expected,
+                "answer": answer,
+                "correct": ok,
+            }
+        )
         by_type.setdefault(sample["question_type"], []).append(ok)
     correct = sum(record["correct"] for record in records)
     return HeldoutScore(correct, len(records), {k: sum(v) / len(v) for k, v in by_type.items()}, records)
@@ -292,8 +305,10 @@ def run_demo(
     _prepare_output(output_dir)
     n_stages = 6 if compare else 5
 
-    say(f"[1/{n_stages}] drawing the synthetic shapes data ({train_images} training images, "
-        f"{heldout_images} held-out images x {len(QUESTIONS)} questions)")
+    say(
+        f"[1/{n_stages}] drawing the synthetic shapes data ({train_images} training images, "
+        f"{heldout_images} held-out images x {len(QUESTIONS)} questions)"
+    )
     data = write_demo_dataset(output_dir / "data", train_images, heldout_images, seed=seed)
     say(f"    {data.train_json}, {data.heldout_json}")
 
@@ -302,20 +317,26 @@ def run_demo(
 
     recipe = load_recipe("tiny_cpu", overrides)
     manager = dict(recipe.manager or {})
-    say(f"[2/{n_stages}] training: tiny random LLaVA-OV from configs/models/tiny.json, patched with "
+    say(
+        f"[2/{n_stages}] training: tiny random LLaVA-OV from configs/models/tiny.json, patched with "
         f"{manager.get('manager_type', 'static')} Managers (injection={manager.get('injection', 'llm')}, "
         f"LLM layers {manager.get('llm_layers', 'default')}); recipe tiny_cpu, DeepSpeed {recipe.deepspeed}, "
-        f"{steps} steps of {recipe.per_device_train_batch_size}")
+        f"{steps} steps of {recipe.per_device_train_batch_size}"
+    )
     run = train_run("Manager", overrides, say)
     runs = {"manager": run}
-    say(f"    loss {run.losses[0][1]:.3f} -> {run.losses[-1][1]:.3f} in {run.train_seconds:.0f} s; saved to {run.model_dir}")
+    say(
+        f"    loss {run.losses[0][1]:.3f} -> {run.losses[-1][1]:.3f} in {run.train_seconds:.0f} s; saved to {run.model_dir}"
+    )
 
     say(f"[3/{n_stages}] reloading {run.model_dir} with llava_manager.from_pretrained and asking held-out questions")
     with _one_thread():
         model, processor = load_trained(run.model_dir)
         resolved = model.config.manager
-        say(f"    reloaded a {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters; "
-            f"Managers before LLM layers {resolved['llm_layers']} mixing SigLIP hidden_states {resolved['vision_layers']})")
+        say(
+            f"    reloaded a {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters; "
+            f"Managers before LLM layers {resolved['llm_layers']} mixing SigLIP hidden_states {resolved['vision_layers']})"
+        )
         run.score = score(model, processor, data)
     example = random.Random(seed).choice(run.score.answers)
     say(f"    held-out image {data.image_folder / example['image']}")
@@ -330,8 +351,9 @@ def run_demo(
     say(f"[4/{n_stages}] drawing the learned Manager weights")
     weights = manager_weights(model)
     table = format_table(weights)
-    weights_png = plot_manager_weights(weights, output_dir / "manager_weights.png",
-                                       title=f"learned Manager weights after {steps} steps (demo)")
+    weights_png = plot_manager_weights(
+        weights, output_dir / "manager_weights.png", title=f"learned Manager weights after {steps} steps (demo)"
+    )
     for line in table.splitlines():
         say("    " + line)
     del model
@@ -339,7 +361,9 @@ def run_demo(
     loss_png = None
     if compare:
         say(f"[5/{n_stages}] --compare: training the unpatched LLaVA-OV (same data, steps and seed, no Managers)")
-        base_overrides = demo_overrides(data, output_dir / "baseline", steps, seed, managers=False, extra=recipe_overrides)
+        base_overrides = demo_overrides(
+            data, output_dir / "baseline", steps, seed, managers=False, extra=recipe_overrides
+        )
         baseline = runs["baseline"] = train_run("baseline", base_overrides, say)
         with _one_thread():
             base_model, base_processor = load_trained(baseline.model_dir)
@@ -384,7 +408,9 @@ def run_demo(
     say(f"    Manager weights heatmap (PNG)             {weights_png}")
     say(f"    training logs                             {', '.join(str(r.log_file) for r in runs.values())}")
     say(f"    summary with every held-out answer        {summary_json}")
-    say(f"try: llava-manager chat {run.model_dir} --image {data.image_folder / example['image']} "
-        f"\"{QUESTIONS[example['type']]}\"")
+    say(
+        f"try: llava-manager chat {run.model_dir} --image {data.image_folder / example['image']} "
+        f'"{QUESTIONS[example["type"]]}"'
+    )
     say(f"     llava-manager inspect {run.model_dir} --out weights.png")
     return DemoResult(output_dir, data, runs, example, weights_png, table, loss_png, summary_json, seconds)

@@ -134,12 +134,14 @@ def write_demo_dataset(
         name = f"heldout-{index:04d}.png"
         draw(item, heldout_rng, size).save(images / name)
         for kind in kinds:
-            heldout.append({
-                "id": f"heldout-{index:04d}-{kind}",
-                "image": name,
-                "question_type": kind,
-                "conversations": _answer_turns(item, [kind]),
-            })
+            heldout.append(
+                {
+                    "id": f"heldout-{index:04d}-{kind}",
+                    "image": name,
+                    "question_type": kind,
+                    "conversations": _answer_turns(item, [kind]),
+                }
+            )
 
     train_json, heldout_json = folder / "train.json", folder / "heldout.json"
     train_json.write_text(json.dumps(train, indent=1))

@@ -15,10 +15,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        import lmms_eval  # noqa: F401
-    except ImportError:
-        sys.exit("lmms-eval is not installed: pip install 'llava-manager[eval]' (lmms-eval>=0.7.3)")
+    from ..extras import missing_modules
+
+    if missing_modules("eval"):
+        sys.exit(f"evaluation needs {', '.join(missing_modules('eval'))}: pip install 'llava-manager[eval]'")
 
     from . import register
 

@@ -58,7 +58,14 @@ _PASSTHROUGH_GEN_KWARGS = {"top_k", "repetition_penalty", "length_penalty", "no_
 # Task keys that configure other models' preprocessing (LLaVA-1.5's image_aspect_ratio, ...).
 _IGNORED_GEN_KWARGS = {"image_aspect_ratio", "modalities"}
 
-_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 def _as_str(value: Any) -> str | None:
@@ -144,19 +151,32 @@ class LlavaManager(lmms):
         accelerator = Accelerator()
         self.accelerator = accelerator
         if accelerator.num_processes > 1:
-            rank, local_rank, world_size = accelerator.process_index, accelerator.local_process_index, accelerator.num_processes
+            rank, local_rank, world_size = (
+                accelerator.process_index,
+                accelerator.local_process_index,
+                accelerator.num_processes,
+            )
         else:
-            rank, local_rank, world_size = (int(os.environ.get(key, default)) for key, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+            rank, local_rank, world_size = (
+                int(os.environ.get(key, default))
+                for key, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))
+            )
         if world_size > 1:
             self._device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
             if device_map not in (None, ""):
-                eval_logger.warning("llava_manager: device_map is ignored with several processes (one replica per process)")
+                eval_logger.warning(
+                    "llava_manager: device_map is ignored with several processes (one replica per process)"
+                )
             device_map = None
             if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-                eval_logger.warning("llava_manager: evaluation replicates the model on every process; DeepSpeed/FSDP sharding is not used")
+                eval_logger.warning(
+                    "llava_manager: evaluation replicates the model on every process; DeepSpeed/FSDP sharding is not used"
+                )
             self._rank, self._world_size = rank, world_size
         else:
-            self._device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self._device = (
+                torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            )
             self._rank, self._world_size = 0, 1
 
         dtype = _parse_dtype(torch_dtype if torch_dtype is not None else dtype)
@@ -171,7 +191,9 @@ class LlavaManager(lmms):
         self.pretrained = _as_str(pretrained)
         if not self.pretrained:
             raise ValueError("llava_manager: pretrained=PATH_OR_HUB_ID is required")
-        self._model, self._processor = load_model_and_processor(self.pretrained, subfolder=_as_str(subfolder), revision=_as_str(revision), **hf_kwargs)
+        self._model, self._processor = load_model_and_processor(
+            self.pretrained, subfolder=_as_str(subfolder), revision=_as_str(revision), **hf_kwargs
+        )
         self._model.eval()
         if "device_map" not in hf_kwargs:
             self._model.to(self._device)
@@ -230,7 +252,9 @@ class LlavaManager(lmms):
         """End of turn (`<|im_end|>`), the tokenizer's EOS and the checkpoint's generation EOS."""
         ids: list[int] = []
         configured = getattr(self._model.generation_config, "eos_token_id", None)
-        for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [self._tokenizer.eos_token_id]:
+        for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [
+            self._tokenizer.eos_token_id
+        ]:
             if value is not None and value not in ids:
                 ids.append(int(value))
         unk = self._tokenizer.unk_token_id
@@ -251,7 +275,10 @@ class LlavaManager(lmms):
                 f"processes: {self._world_size}, conv_template: {self.conv_template})"
             )
         if self.model_name and "manager" in self.model_name.lower() and not has_managers:
-            warnings.warn(f"model_name={self.model_name!r} names a Manager model but {self.pretrained} has no Managers", stacklevel=2)
+            warnings.warn(
+                f"model_name={self.model_name!r} names a Manager model but {self.pretrained} has no Managers",
+                stacklevel=2,
+            )
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -264,7 +291,9 @@ class LlavaManager(lmms):
         images = []
         for visual in visuals:
             if isinstance(visual, str) or not hasattr(visual, "convert"):
-                raise NotImplementedError(f"llava_manager evaluates image tasks; {task} gives {type(visual).__name__} visuals (video/audio)")
+                raise NotImplementedError(
+                    f"llava_manager evaluates image tasks; {task} gives {type(visual).__name__} visuals (video/audio)"
+                )
             images.append(visual.convert("RGB"))
         return images
 
@@ -317,8 +346,14 @@ class LlavaManager(lmms):
         results: list[GenerationResult] = []
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk)
-            images_per_request = [self._visuals(fn, task, split, doc_id) for fn, task, split, doc_id in zip(doc_to_visuals, tasks, splits, doc_ids)]
-            prompts = [build_prompt(context, len(images), self.conv_template) for context, images in zip(contexts, images_per_request)]
+            images_per_request = [
+                self._visuals(fn, task, split, doc_id)
+                for fn, task, split, doc_id in zip(doc_to_visuals, tasks, splits, doc_ids)
+            ]
+            prompts = [
+                build_prompt(context, len(images), self.conv_template)
+                for context, images in zip(contexts, images_per_request)
+            ]
             for prompt, task, doc_id in zip(prompts, tasks, doc_ids):
                 self._log(task, doc_id, "Prompt", prompt)
             generate_kwargs, until = self._generation_kwargs(all_gen_kwargs[0])  # grouped: same kwargs in a batch
@@ -360,7 +395,9 @@ class LlavaManager(lmms):
         closed by `<|im_end|>\\n`, like the authors' model (which returned the mean loss instead)."""
         template = get_template(self.conv_template)
         results = []
-        for context, doc_to_target, doc_to_visual, doc_id, task, split in tqdm([request.args for request in requests], disable=(self.rank != 0), desc="Model Responding"):
+        for context, doc_to_target, doc_to_visual, doc_id, task, split in tqdm(
+            [request.args for request in requests], disable=(self.rank != 0), desc="Model Responding"
+        ):
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             images = self._visuals(doc_to_visual, task, split, doc_id)

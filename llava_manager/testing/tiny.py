@@ -21,15 +21,112 @@ from ..chat_format import CHAT_TEMPLATE, SYSTEM_PROMPT  # noqa: F401  (Qwen Chat
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<unk>"]
 
-_WORDS = """
-system user assistant you are a an the helpful is what which where how many of in on at to and or
-color colour shape image picture this that there it its left right top bottom middle center centre
-red green blue yellow purple orange white black gray grey pink brown cyan
-circle square triangle star cross ring dot rectangle
-big small large tiny one two three four five six seven eight nine ten zero yes no
-describe question answer see show shows shown object objects background position located side half
-upper lower corner with without number count is are has have do does
-""".split()
+_WORDS = [
+    "system",
+    "user",
+    "assistant",
+    "you",
+    "are",
+    "a",
+    "an",
+    "the",
+    "helpful",
+    "is",
+    "what",
+    "which",
+    "where",
+    "how",
+    "many",
+    "of",
+    "in",
+    "on",
+    "at",
+    "to",
+    "and",
+    "or",
+    "color",
+    "colour",
+    "shape",
+    "image",
+    "picture",
+    "this",
+    "that",
+    "there",
+    "it",
+    "its",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "middle",
+    "center",
+    "centre",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "gray",
+    "grey",
+    "pink",
+    "brown",
+    "cyan",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "dot",
+    "rectangle",
+    "big",
+    "small",
+    "large",
+    "tiny",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "zero",
+    "yes",
+    "no",
+    "describe",
+    "question",
+    "answer",
+    "see",
+    "show",
+    "shows",
+    "shown",
+    "object",
+    "objects",
+    "background",
+    "position",
+    "located",
+    "side",
+    "half",
+    "upper",
+    "lower",
+    "corner",
+    "with",
+    "without",
+    "number",
+    "count",
+    "is",
+    "are",
+    "has",
+    "have",
+    "do",
+    "does",
+]
 
 
 def tiny_vocabulary() -> list[str]:
@@ -132,7 +229,8 @@ def tiny_model(seed: int = 0, **config_kwargs) -> LlavaOnevisionForConditionalGe
 def tiny_processor(config: LlavaOnevisionConfig | None = None):
     """The real HF `LlavaOnevisionProcessor` matched to a tiny config (SigLIP normalisation)."""
     from transformers import LlavaOnevisionProcessor
-    from transformers.models.llava_onevision import LlavaOnevisionImageProcessor, LlavaOnevisionVideoProcessor
+    from transformers.models.llava_onevision import LlavaOnevisionImageProcessor
+    from transformers.utils import is_torchvision_available
 
     config = config or tiny_config()
     size = config.vision_config.image_size
@@ -142,9 +240,13 @@ def tiny_processor(config: LlavaOnevisionConfig | None = None):
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    video_processor = LlavaOnevisionVideoProcessor(
-        size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
-    )
+    video_processor = None  # transformers' video processors need torchvision (the `vision` extra)
+    if is_torchvision_available():
+        from transformers.models.llava_onevision import LlavaOnevisionVideoProcessor
+
+        video_processor = LlavaOnevisionVideoProcessor(
+            size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+        )
     tokens_per_crop = (size // config.vision_config.patch_size) ** 2
     return LlavaOnevisionProcessor(
         image_processor=image_processor,

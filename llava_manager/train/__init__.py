@@ -5,7 +5,11 @@
 See `configs/recipes/` for the paper's stages and `main.py` for the order of work.
 """
 
-from .recipe import PARTS, Recipe, RecipeError, load_recipe, recipe_from_dict
+from ..extras import require_extra
+
+require_extra("train", "training (llava_manager.train, `llava-manager train`)")
+
+from .recipe import PARTS, Recipe, RecipeError, load_recipe, recipe_from_dict  # noqa: E402
 
 __all__ = ["PARTS", "Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "train"]
 

@@ -100,7 +100,9 @@ def _sample_records(records: list, strategy: Any, where: str, rng: random.Random
     try:
         count = math.ceil(float(number[:-1]) * len(records) / 100) if number.endswith("%") else int(number)
     except ValueError:
-        raise DataError(f"{where}: sampling_strategy={strategy!r}: {number!r} is not a count or a percentage") from None
+        raise DataError(
+            f"{where}: sampling_strategy={strategy!r}: {number!r} is not a count or a percentage"
+        ) from None
     if count < 0:
         raise DataError(f"{where}: sampling_strategy={strategy!r}: the count must not be negative")
     if name == "first":

@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 
 from ..chat_format import SYSTEM_PROMPT
-from ..config import ManagerConfig
 from ..checkpoint.original import expand_pinpoint_range
+from ..config import ManagerConfig
 from ..errors import ConversionError, ManagerError, RecipeError  # noqa: F401  (RecipeError: re-exported)
 
 PARTS = ("manager", "projector", "vision_tower", "language_model")
@@ -42,9 +42,8 @@ _PINPOINT_RANGE = re.compile(r"\(\d+x\d+\),\s*\.\.\.,\s*\(\d+x\d+\)")  # the for
 
 
 def _shipped_roots() -> list[Path]:
-    """Where the shipped `configs/` folder may live: the repository checkout, then inside the package."""
-    package = Path(__file__).resolve().parents[1]
-    return [package.parent / "configs", package / "resources" / "configs"]
+    """Where the shipped `configs/` folder lives: package data (the repository's `configs/` links to it)."""
+    return [Path(__file__).resolve().parents[1] / "resources" / "configs"]
 
 
 def find_config(value: str, kind: str, suffixes: tuple[str, ...], base_dir: Path | None = None) -> Path | None:
@@ -74,7 +73,8 @@ class Recipe:
         default=None, metadata={"help": "config JSON for a randomly initialised model (instead of model_name_or_path)"}
     )
     processor: str | None = field(
-        default=None, metadata={"help": "processor dir/hub id; 'tiny' = llava_manager.testing.tiny; default: the model's"}
+        default=None,
+        metadata={"help": "processor dir/hub id; 'tiny' = llava_manager.testing.tiny; default: the model's"},
     )
     manager: dict | None = field(
         default_factory=dict, metadata={"help": "ManagerConfig fields; null = train without Managers"}
@@ -97,7 +97,9 @@ class Recipe:
     data_path: str | None = field(
         default=None, metadata={"help": "LLaVA JSON / JSONL, a YAML mixture, or synthetic:N (generated shapes)"}
     )
-    image_folder: str | None = field(default=None, metadata={"help": "folder the samples' image paths are relative to"})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "folder the samples' image paths are relative to"}
+    )
     model_max_length: int = field(default=2048, metadata={"help": "tokens per sample; longer samples are truncated"})
     conv_template: str = field(default="qwen_1_5", metadata={"help": "qwen_1_5 (ChatML) | plain (captions)"})
     system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "ChatML system message"})
@@ -106,7 +108,9 @@ class Recipe:
         metadata={"help": "before training: none | exists (stat every image) | open (decode every image)"},
     )
     on_bad_image: str = field(default="error", metadata={"help": "missing/unreadable image: error | skip (and count)"})
-    group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, similar lengths"})
+    group_by_modality_length: bool = field(
+        default=False, metadata={"help": "batches of one modality, similar lengths"}
+    )
     # ---- schedule --------------------------------------------------------------------------------
     output_dir: str = field(default="outputs/run", metadata={"help": "checkpoints and the final model"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs (ignored when max_steps > 0)"})
@@ -166,6 +170,17 @@ class Recipe:
     # ---- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check types and values of every key; normalise a few (floats from strings, comma lists)."""
+        self._validate_model_and_data()
+        self._validate_manager()
+        self._validate_images()
+        self._validate_train_parts()
+        self._validate_lora()
+        self._validate_text()
+        self._validate_run()
+        self._validate_training_args()
+
+    def _validate_model_and_data(self) -> None:
+        """The model, processor and data sources."""
         for key in ("model_name_or_path", "model_subfolder", "model_config", "processor", "image_folder", "data_path"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
@@ -181,6 +196,8 @@ class Recipe:
         if self.data_path is None:
             raise self._err("data_path", None, "set the training data (LLaVA JSON/JSONL, YAML mixture or synthetic:N)")
 
+    def _validate_manager(self) -> None:
+        """The `manager` mapping: known ManagerConfig fields and valid values."""
         if self.manager is not None:
             if not isinstance(self.manager, dict):
                 raise self._err("manager", self.manager, "use a mapping of ManagerConfig fields, or null")
@@ -193,6 +210,8 @@ class Recipe:
             except ManagerError as error:
                 raise RecipeError(f"recipe key 'manager': {error}") from None
 
+    def _validate_images(self) -> None:
+        """The image layout keys."""
         if self.image_aspect_ratio is not None:
             value = self.image_aspect_ratio
             if value not in ("square", "anyres") and not _ANYRES_MAX.fullmatch(str(value)):
@@ -200,6 +219,8 @@ class Recipe:
         if self.image_grid_pinpoints is not None:
             self.image_grid_pinpoints = self._parse_pinpoints(self.image_grid_pinpoints)
 
+    def _validate_train_parts(self) -> None:
+        """`train_parts` (normalised to a list) and a learning rate for each."""
         parts = self.train_parts
         if isinstance(parts, str):
             parts = [p.strip() for p in parts.split(",") if p.strip()]
@@ -222,8 +243,12 @@ class Recipe:
             self.learning_rates[part] = self._float(f"learning_rates.{part}", lr, minimum=0.0, strict=True)
         for part in self.train_parts:
             if part not in self.learning_rates:
-                raise self._err(f"learning_rates.{part}", None, f"part {part!r} is trained, so give it a learning rate")
+                raise self._err(
+                    f"learning_rates.{part}", None, f"part {part!r} is trained, so give it a learning rate"
+                )
 
+    def _validate_lora(self) -> None:
+        """`lora` (defaults filled in)."""
         if self.lora is not None:
             if not isinstance(self.lora, dict):
                 raise self._err("lora", self.lora, "use a mapping {r, alpha, dropout, target} or null")
@@ -245,6 +270,8 @@ class Recipe:
                 )
             self.lora = lora
 
+    def _validate_text(self) -> None:
+        """Tokenisation, conversation template and image checks."""
         self._int("model_max_length", minimum=8)
         self._choice("conv_template", CONV_TEMPLATES)
         if not isinstance(self.system_prompt, str):
@@ -253,6 +280,8 @@ class Recipe:
         self._choice("on_bad_image", BAD_IMAGE_ACTIONS)
         self._bool("group_by_modality_length")
 
+    def _validate_run(self) -> None:
+        """The run: output, steps, batch, schedule, precision, DeepSpeed, saving."""
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise self._err("output_dir", self.output_dir, "use a directory path")
         self.num_train_epochs = self._float("num_train_epochs", self.num_train_epochs, minimum=0.0)
@@ -289,7 +318,12 @@ class Recipe:
         if not isinstance(self.report_to, (str, list)):
             raise self._err("report_to", self.report_to, "use a string or a list of strings")
         if self.resume_from_checkpoint is not None and not isinstance(self.resume_from_checkpoint, (str, bool)):
-            raise self._err("resume_from_checkpoint", self.resume_from_checkpoint, "use a checkpoint dir, true or null")
+            raise self._err(
+                "resume_from_checkpoint", self.resume_from_checkpoint, "use a checkpoint dir, true or null"
+            )
+
+    def _validate_training_args(self) -> None:
+        """`training_args`: TrainingArguments fields the recipe does not own."""
         if not isinstance(self.training_args, dict):
             raise self._err("training_args", self.training_args, "use a mapping of TrainingArguments fields")
         if self.training_args:
@@ -305,7 +339,9 @@ class Recipe:
                         f"not a TrainingArguments field{_suggest(name, sorted(allowed))}",
                     )
                 if name in owned:
-                    raise self._err(f"training_args.{name}", self.training_args[name], "set it as a recipe key instead")
+                    raise self._err(
+                        f"training_args.{name}", self.training_args[name], "set it as a recipe key instead"
+                    )
 
     def _parse_pinpoints(self, value: Any) -> list[list[int]] | str:
         if isinstance(value, str):  # '(1x1),...,(6x6)': grids in units of the crop size, expanded later

@@ -88,7 +88,9 @@ def build_param_groups(
             if not params:
                 continue
             if part not in learning_rates:
-                raise ValueError(f"part {part!r} has trainable parameters but no learning rate (learning_rates.{part})")
+                raise ValueError(
+                    f"part {part!r} has trainable parameters but no learning rate (learning_rates.{part})"
+                )
             result.append(
                 {
                     "params": params,
@@ -169,7 +171,9 @@ class ManagerTrainer(Trainer):
         dropped = inputs.pop("dropped_samples", None)
         if dropped:
             self.dropped_samples.update(dropped)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("dropped_samples", None)

@@ -14,10 +14,9 @@ import os
 import unittest
 
 import torch
+from tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 from transformers.testing_utils import torch_device
-
-from tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 
 MODE = os.environ.get("LLAVA_MANAGER_SUITE_MODE", "vanilla")
 if MODE not in ("vanilla", "llm", "projector"):
@@ -134,8 +133,15 @@ class LlavaOnevisionTinyTester:
     def _image_tokens(self) -> int:
         """Image tokens per image, as the vanilla model packs them (computed, not hand-counted)."""
         torch.manual_seed(0)
-        model = LlavaOnevisionModel(LlavaOnevisionConfig(**{k: v for k, v in tiny_config().to_dict().items()
-                                                          if k not in ("manager", "image_layout", "model_type")}))
+        model = LlavaOnevisionModel(
+            LlavaOnevisionConfig(
+                **{
+                    k: v
+                    for k, v in tiny_config().to_dict().items()
+                    if k not in ("manager", "image_layout", "model_type")
+                }
+            )
+        )
         with torch.no_grad():
             output = model.get_image_features(
                 pixel_values=torch.zeros(1, self.num_crops, 3, 16, 16), image_sizes=torch.tensor([self.image_size])

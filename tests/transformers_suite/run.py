@@ -44,15 +44,30 @@ def run_mode(mode: str, keyword: str | None = None, timeout: int = 1800) -> dict
             "TRANSFORMERS_OFFLINE": "1",
         }
         command = [
-            sys.executable, "-m", "pytest", TEST_MODULE, "-q", "-p", "no:cacheprovider", "--noconftest",
-            "-o", "addopts=", "-W", "ignore", f"--junitxml={report}", "--rootdir", str(work),
+            sys.executable,
+            "-m",
+            "pytest",
+            TEST_MODULE,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--noconftest",
+            "-o",
+            "addopts=",
+            "-W",
+            "ignore",
+            f"--junitxml={report}",
+            "--rootdir",
+            str(work),
         ]
         if keyword:
             command += ["-k", keyword]
         done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
         if not report.exists():
-            raise RuntimeError(f"the {mode} run produced no report (exit {done.returncode}):\n{done.stdout[-3000:]}"
-                               f"\n{done.stderr[-3000:]}")
+            raise RuntimeError(
+                f"the {mode} run produced no report (exit {done.returncode}):\n{done.stdout[-3000:]}"
+                f"\n{done.stderr[-3000:]}"
+            )
         return parse_report(report)
 
 

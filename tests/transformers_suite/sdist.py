@@ -50,8 +50,17 @@ def transformers_tests_root(version: str | None = None) -> Path:
         return root
     with tempfile.TemporaryDirectory() as download:
         command = [
-            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-            "--dest", download, f"transformers=={version}",
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--dest",
+            download,
+            f"transformers=={version}",
         ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         archives = list(Path(download).glob("transformers-*.tar.gz"))

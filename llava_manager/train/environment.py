@@ -1,0 +1,47 @@
+"""The process a training run starts in: CPU-only DeepSpeed fixes, a one-process "distributed" environment
+when no launcher set one, and a clean slate for accelerate's singletons between runs in one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+# `accelerate launch --use_deepspeed` sets this for the whole process; remember whether a launcher did
+_LAUNCHER_USES_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_environment(uses_deepspeed: bool, cpu_threads: int | None = None) -> None:
+    """CPU-only DeepSpeed fixes, and a one-process "distributed" environment when no launcher set one."""
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if cpu_threads is not None:  # tiny models on shared cores: more threads only wait for each other
+            torch.set_num_threads(cpu_threads)
+    if uses_deepspeed:
+        if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+            os.environ.update(
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+            )
+        if not torch.cuda.is_available():
+            import deepspeed.ops
+
+            # the shm comm op is JIT-compiled C++ (minutes) and only speeds up CPU all-reduce
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # a previous run's ZeRO-3 config would zero.Init the model we build now
+    # a previous run in this process leaves accelerate's singletons behind (e.g. "this is a DeepSpeed run");
+    # start from scratch so each recipe gets exactly its own setup (an existing process group is reused)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if _LAUNCHER_USES_DEEPSPEED is None:  # accelerate's Accelerator sets it for good once DeepSpeed was used
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)

@@ -1,0 +1,191 @@
+"""The model a recipe trains: load it (or build it from a config), fit the processor to its image layout,
+patch the recipe's Managers, check the processor, add LoRA. Every input error is a `RecipeError` naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ..errors import ManagerError
+from .recipe import Recipe, RecipeError
+
+logger = logging.getLogger("llava_manager.train")
+
+
+def _llava_classes():
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration
+
+
+def load_for_training(recipe: Recipe):
+    """The model (on CPU) and its processor, per the recipe; raises `RecipeError` for non-LLaVA-OV models.
+
+    Checkpoints load in bf16 for DeepSpeed bf16 runs (DeepSpeed keeps fp32 master weights), else in fp32."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    import llava_manager  # noqa: F401  (registers the llava_onevision_manager model type)
+
+    llava_cls = _llava_classes()
+    dtype = torch.bfloat16 if recipe.bf16 and recipe.deepspeed is not None else torch.float32
+    if recipe.model_config is not None:
+        path = recipe.model_config_path()
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except Exception as error:  # noqa: BLE001  (any failure: report it against the recipe key)
+            raise RecipeError(
+                f"recipe key 'model_config' = {recipe.model_config!r}: cannot read {path} ({error})"
+            ) from None
+        if config.model_type not in ("llava_onevision", "llava_onevision_manager"):
+            raise RecipeError(
+                f"recipe key 'model_config' = {recipe.model_config!r}: {path} is a {config.model_type!r} config, "
+                "not LLaVA-OneVision (llava_onevision)"
+            )
+        transformers.set_seed(recipe.seed)
+        model = AutoModelForImageTextToText.from_config(config)
+        model.name_or_path = ""  # a random model: not the config file (PEFT would look for weights there)
+        processor = _processor_for(recipe, config)
+    else:
+        from llava_manager import from_pretrained as load
+
+        try:
+            model, processor = load(recipe.model_name_or_path, subfolder=recipe.model_subfolder, dtype=dtype)
+        except ManagerError as error:
+            raise RecipeError(f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r}: {error}") from None
+        if recipe.processor is not None:
+            processor = _processor_for(recipe, model.config)
+    if not isinstance(model, llava_cls):
+        raise RecipeError(
+            f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r} loads a {type(model).__name__}, "
+            "not a LLaVA-OneVision model (LlavaOnevisionForConditionalGeneration)"
+        )
+    return model, processor
+
+
+def _processor_for(recipe: Recipe, config):
+    if recipe.processor == "tiny":
+        from llava_manager.testing.tiny import tiny_processor
+
+        return tiny_processor(config)
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(recipe.processor)
+    except Exception as error:  # noqa: BLE001  (any failure: report it against the recipe key)
+        raise RecipeError(f"recipe key 'processor' = {recipe.processor!r}: cannot load it ({error})") from None
+
+
+def configure_images(recipe: Recipe, model, processor):
+    """Apply `image_aspect_ratio` / `image_grid_pinpoints` to model and processor; returns (processor, layout)."""
+    from llava_manager import ImageLayout, is_patched
+
+    config = model.config
+    layout = ImageLayout.from_dict(getattr(config, "image_layout", None)) if is_patched(model) else ImageLayout()
+    if recipe.image_aspect_ratio is not None:
+        mode = "square" if recipe.image_aspect_ratio == "square" else "anyres"
+        if mode != layout.mode and is_patched(model):
+            raise RecipeError(
+                f"recipe key 'image_aspect_ratio' = {recipe.image_aspect_ratio!r} but the model is already patched "
+                f"with the {layout.mode!r} image layout"
+            )
+        layout = dataclasses.replace(layout, mode=mode)
+        if mode == "anyres":
+            config.vision_aspect_ratio = recipe.image_aspect_ratio
+            processor.vision_aspect_ratio = recipe.image_aspect_ratio
+    pinpoints = recipe.resolve_pinpoints(config.vision_config.image_size)
+    if pinpoints is not None:
+        config.image_grid_pinpoints = [list(p) for p in pinpoints]
+        processor.image_processor.image_grid_pinpoints = [list(p) for p in pinpoints]
+    processor_mode = (getattr(processor, "image_layout", None) or {}).get("mode", "anyres")
+    if layout.mode == "square" and processor_mode != "square":
+        processor = _square_processor(processor)
+    elif layout.mode != processor_mode:
+        raise RecipeError(
+            f"the processor counts image tokens for a {processor_mode!r} layout but the model uses {layout.mode!r}; "
+            "use the model's own processor (recipe key 'processor')"
+        )
+    return processor, layout
+
+
+def _square_processor(processor):
+    """llava-manager's processor in square mode (one crop per image, no newline), from an HF LLaVA-OV one."""
+    from llava_manager.processor import LlavaOnevisionManagerImageProcessor, LlavaOnevisionManagerProcessor
+
+    source = processor.image_processor
+    image_processor = LlavaOnevisionManagerImageProcessor(
+        size=dict(source.size),
+        image_mean=list(source.image_mean),
+        image_std=list(source.image_std),
+        image_grid_pinpoints=[list(p) for p in source.image_grid_pinpoints],
+        crop_mode="square",
+    )
+    return LlavaOnevisionManagerProcessor(
+        image_processor=image_processor,
+        tokenizer=processor.tokenizer,
+        video_processor=getattr(processor, "video_processor", None),
+        num_image_tokens=processor.num_image_tokens,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        chat_template=processor.chat_template,
+        vision_aspect_ratio=processor.vision_aspect_ratio,
+        image_layout={"mode": "square"},
+    )
+
+
+def patch_model(recipe: Recipe, model, layout):
+    """Patch with the recipe's Managers unless the model is patched already (then the recipe must agree)."""
+    from llava_manager import ImageLayout, ManagerConfig, is_patched, patch_llava
+
+    if is_patched(model):
+        current = getattr(model.config, "manager", None)
+        if recipe.manager is not None and current is not None:
+            wanted = ManagerConfig(**recipe.manager).resolve(model.config).to_dict()
+            differs = {
+                k: (current.get(k), v)
+                for k, v in wanted.items()
+                if recipe.manager.get(k) is not None and current.get(k) != v
+            }
+            if differs:
+                logger.warning(
+                    "the model is already patched; keeping its Managers (recipe 'manager' differs: %s)", differs
+                )
+        if recipe.manager is not None and current is None:
+            raise RecipeError("recipe key 'manager' asks for Managers but the model is patched without any")
+        return model
+    if recipe.manager is None and layout == ImageLayout():
+        return model
+    if recipe.manager is None:  # no Managers, but a non-default image layout
+        return patch_llava(model, layout=layout, managers=False)
+    try:
+        return patch_llava(model, ManagerConfig(**recipe.manager), layout=layout)
+    except ManagerError as error:
+        raise RecipeError(f"recipe key 'manager': {error}") from None
+
+
+def check_processor(model, processor) -> None:
+    image_id = model.config.image_token_id
+    if processor.image_token_id != image_id:
+        raise RecipeError(
+            f"the processor's image token id {processor.image_token_id} differs from the model's {image_id}; "
+            "use the model's own processor (recipe key 'processor')"
+        )
+    if processor.tokenizer.pad_token_id is None:
+        raise RecipeError("the processor's tokenizer has no pad token")
+
+
+def apply_lora(recipe: Recipe, model):
+    from peft import LoraConfig, get_peft_model
+
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target"],
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config), config
+    except ValueError as error:
+        raise RecipeError(f"recipe key 'lora.target' = {lora['target']!r}: {error}") from None
