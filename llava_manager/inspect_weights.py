@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ._moved import forward_moved_names
 from .attach import llava_model_of, unwrap
 from .errors import ManagerError
 from .managers import AdaptiveManager, ManagerStack, StaticManager
@@ -133,7 +134,8 @@ def format_table(weights: ManagerWeights, precision: int = 4) -> str:
 
 
 # ---- heatmap --------------------------------------------------------------------------------------------
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (PNG files, no screen); a clear error without the `plot` extra."""
     try:
         import matplotlib
     except ImportError:
@@ -148,7 +150,7 @@ def _pyplot():
 
 def plot_manager_weights(weights: ManagerWeights, path: str | Path, title: str | None = None) -> Path:
     """Write a heatmap (rows: Managers / injection layers, columns: vision layers) of mean |w| to `path` (PNG)."""
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     data = np.array(weights.values, dtype=float)
@@ -183,49 +185,6 @@ def plot_manager_weights(weights: ManagerWeights, path: str | Path, title: str |
     colorbar.set_label("mean |w| over channels")
     default_title = f"Manager weights ({weights.manager_type}, injection={weights.injection})"
     axes.set_title(textwrap.fill(title or default_title, 60), fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    plt.close(figure)
-    return path
-
-
-def _centred_mean(values: list[float], window: int) -> list[float]:
-    """Mean over a window centred on each point (shorter at the ends), so the curve does not lag."""
-    half = window // 2
-    return [
-        sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
-        for i in range(len(values))
-    ]
-
-
-def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str | None = None) -> Path:
-    """Write training-loss curves (`{label: [(step, loss), ...]}`) into one PNG."""
-    plt = _pyplot()
-
-    figure, axes = plt.subplots(figsize=(6.4, 3.8), dpi=120)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (label, points) in enumerate(curves.items()):
-        if not points:
-            continue
-        steps, losses = zip(*points)
-        color = colors[index % len(colors)]
-        window = max(1, len(losses) // 40)
-        axes.plot(steps, losses, color=color, linewidth=0.6, alpha=0.35)
-        smooth_label = label + (f" (mean of {window} steps)" if window > 1 else "")
-        axes.plot(steps, _centred_mean(list(losses), window), color=color, linewidth=1.6, label=smooth_label)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("training loss (log scale)")
-    axes.set_yscale("log")
-    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
-
-    axes.yaxis.set_major_locator(FixedLocator([m * 10.0**e for e in range(-3, 3) for m in (1, 2, 3, 5)]))
-    axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    axes.yaxis.set_minor_formatter(NullFormatter())
-    axes.grid(alpha=0.3)
-    axes.legend()
-    axes.set_title(textwrap.fill(title or "training loss", 80), fontsize=9)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,3 +261,6 @@ def load_manager_weights(
 
     model, _ = from_pretrained(path_or_hub_id, subfolder, **from_pretrained_kwargs)
     return manager_weights(model)
+
+
+__getattr__ = forward_moved_names(__name__, {"plot_loss_curves": "llava_manager.demo.plots"})

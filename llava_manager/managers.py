@@ -248,9 +248,13 @@ class AdaptiveManager(nn.Module):
         if self.query is not None:
             controller_input = torch.cat([self._query_vectors(context), context.hidden], dim=-1)
         scores = self.linear_controller(controller_input.to(self.linear_controller.weight.dtype))  # (T, N)
-        gate = self.layer_weights()
-        weights = scores[:, :, None] * gate[None]  # (T, N, D)
-        return (weights.to(features.dtype) * features[..., : self.num_layers, :]).sum(-2)
+        gate = self.layer_weights()  # (N, D)
+        # layer by layer: (T, D) temporaries, never a (T, N, D) one (the static path's weighted_layer_sum avoids it too)
+        output = None
+        for n in range(self.num_layers):
+            term = (scores[:, n, None] * gate[n]).to(features.dtype) * features[..., n, :]  # (T, D)
+            output = term if output is None else output + term
+        return output
 
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, query={self.query}, jitter={self.jitter}"

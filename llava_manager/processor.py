@@ -17,6 +17,7 @@ per image), so this module adds two small subclasses, registered with the Auto c
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -190,15 +191,18 @@ class LlavaOnevisionManagerProcessor(LlavaOnevisionProcessor):
 
 
 def _register() -> None:
-    AutoImageProcessor.register(
-        LlavaOnevisionManagerConfig,
-        # the PIL class for both backends on purpose: it is the one that matches the original preprocessing
-        image_processor_classes={
-            "pil": LlavaOnevisionManagerImageProcessor,
-            "torchvision": LlavaOnevisionManagerImageProcessor,
-        },
-        exist_ok=True,
-    )
+    # older transformers (5.15) without torchvision: its Auto image classes need it (the `vision` extra); loading a
+    # processor asks for that extra first (checkpoint/loading.py), so skipping the registration loses nothing
+    with contextlib.suppress(ImportError):
+        AutoImageProcessor.register(
+            LlavaOnevisionManagerConfig,
+            # the PIL class for both backends on purpose: it is the one that matches the original preprocessing
+            image_processor_classes={
+                "pil": LlavaOnevisionManagerImageProcessor,
+                "torchvision": LlavaOnevisionManagerImageProcessor,
+            },
+            exist_ok=True,
+        )
     AutoProcessor.register(LlavaOnevisionManagerConfig, LlavaOnevisionManagerProcessor, exist_ok=True)
 
 

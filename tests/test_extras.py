@@ -47,6 +47,7 @@ def test_every_extra_named_in_extras_py_is_declared_in_setup_cfg():
         ("llava_manager.hub", "check_weights", "llava_manager.checkpoint.weights"),
         ("llava_manager.convert", "load_original", "llava_manager.checkpoint.original"),
         ("llava_manager.tiny", "tiny_model", "llava_manager.testing.tiny"),
+        ("llava_manager.inspect_weights", "plot_loss_curves", "llava_manager.demo.plots"),
     ],
 )
 def test_a_moved_name_resolves_to_its_new_home_with_a_deprecation_warning(old_module, name, new_module):

@@ -15,7 +15,6 @@ from llava_manager.cli import main
 from llava_manager.inspect_weights import (
     format_table,
     manager_weights,
-    plot_loss_curves,
     plot_manager_weights,
     read_manager_stack,
 )
@@ -105,6 +104,8 @@ def test_heatmap_png_reads_back_and_follows_the_weights(tmp_path):
 
 
 def test_loss_curves_png(tmp_path):
+    from llava_manager.demo.plots import plot_loss_curves
+
     curves = {"with Managers": [(s, 5.0 / s) for s in range(1, 50)], "baseline": [(s, 5.2 / s) for s in range(1, 50)]}
     path = plot_loss_curves(curves, tmp_path / "loss.png", title="t")
     with Image.open(path) as image:

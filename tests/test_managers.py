@@ -64,3 +64,37 @@ def test_weighted_layer_sum_empty_batch():
     out.sum().backward()
     assert out.shape == (0, 4)
     assert torch.equal(weights.grad, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("query", [None, "last", "average", "cross"])
+def test_an_adaptive_manager_computes_the_released_formula_and_its_gradients(query):
+    """sum_n S[:, n] * gate[n] * X[:, n], as the released code writes it with a (T, N, D) product."""
+    from llava_manager.managers import AdaptiveManager, QueryContext
+
+    torch.manual_seed(0)
+    tokens, layers, width = 7, 4, 16
+    manager = AdaptiveManager(layers, width, query)
+    with torch.no_grad():
+        for parameter in manager.parameters():
+            parameter.normal_()
+    features = torch.randn(tokens, layers, width, requires_grad=True)
+    context = QueryContext(
+        hidden=torch.randn(tokens, width),
+        query_hidden=torch.randn(5, width),
+        token_sample=torch.tensor([0, 0, 0, 1, 1, 1, 1]),
+        query_sample=torch.tensor([0, 0, 1, 1, 1]),
+        query_last=torch.tensor([1, 4]),
+        query_segments=[(0, 2), (2, 5)],
+    )
+    output = manager(features, context)
+    controller_input = context.hidden
+    if query is not None:
+        controller_input = torch.cat([manager._query_vectors(context), context.hidden], dim=-1)
+    scores = manager.linear_controller(controller_input)  # (T, N)
+    expected = ((scores[:, :, None] * manager.zero_gate[None]) * features).sum(-2)  # (T, N, D) -> (T, D)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(output)
+    got = torch.autograd.grad(output, [features, manager.zero_gate], grad_out)
+    want = torch.autograd.grad(expected, [features, manager.zero_gate], grad_out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -303,83 +303,27 @@ def run_demo(
     say = say or (lambda line: print(line, flush=True))
     output_dir = Path(output_dir).resolve()
     _prepare_output(output_dir)
-    n_stages = 6 if compare else 5
+    stages = _Stages(6 if compare else 5, say)
 
-    say(
-        f"[1/{n_stages}] drawing the synthetic shapes data ({train_images} training images, "
+    stages.next(
+        f"drawing the synthetic shapes data ({train_images} training images, "
         f"{heldout_images} held-out images x {len(QUESTIONS)} questions)"
     )
     data = write_demo_dataset(output_dir / "data", train_images, heldout_images, seed=seed)
     say(f"    {data.train_json}, {data.heldout_json}")
 
-    overrides = demo_overrides(data, output_dir / "manager", steps, seed, managers=True, extra=recipe_overrides)
-    from ..train.recipe import load_recipe
-
-    recipe = load_recipe("tiny_cpu", overrides)
-    manager = dict(recipe.manager or {})
-    say(
-        f"[2/{n_stages}] training: tiny random LLaVA-OV from configs/models/tiny.json, patched with "
-        f"{manager.get('manager_type', 'static')} Managers (injection={manager.get('injection', 'llm')}, "
-        f"LLM layers {manager.get('llm_layers', 'default')}); recipe tiny_cpu, DeepSpeed {recipe.deepspeed}, "
-        f"{steps} steps of {recipe.per_device_train_batch_size}"
-    )
-    run = train_run("Manager", overrides, say)
-    runs = {"manager": run}
-    say(
-        f"    loss {run.losses[0][1]:.3f} -> {run.losses[-1][1]:.3f} in {run.train_seconds:.0f} s; saved to {run.model_dir}"
-    )
-
-    say(f"[3/{n_stages}] reloading {run.model_dir} with llava_manager.from_pretrained and asking held-out questions")
-    with _one_thread():
-        model, processor = load_trained(run.model_dir)
-        resolved = model.config.manager
-        say(
-            f"    reloaded a {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters; "
-            f"Managers before LLM layers {resolved['llm_layers']} mixing SigLIP hidden_states {resolved['vision_layers']})"
-        )
-        run.score = score(model, processor, data)
+    run, model = _train_and_score_managers(output_dir, data, steps, seed, recipe_overrides, stages)
     example = random.Random(seed).choice(run.score.answers)
-    say(f"    held-out image {data.image_folder / example['image']}")
-    say(f"    Q: {QUESTIONS[example['type']]}")
-    verdict = "correct" if example["correct"] else "wrong"
-    say(f"    A: {example['answer']!r}  (expected {example['expected']!r}: {verdict})")
-    chance = sum(CHANCE[r["type"]] for r in run.score.answers) / run.score.total
-    say(f"    held-out accuracy: {run.score.line()}; chance would be {_percent(chance)}")
-
-    from ..inspect_weights import format_table, manager_weights, plot_loss_curves, plot_manager_weights
-
-    say(f"[4/{n_stages}] drawing the learned Manager weights")
-    weights = manager_weights(model)
-    table = format_table(weights)
-    weights_png = plot_manager_weights(
-        weights, output_dir / "manager_weights.png", title=f"learned Manager weights after {steps} steps (demo)"
-    )
-    for line in table.splitlines():
-        say("    " + line)
+    chance = _show_example_and_accuracy(run, data, example, say)
+    weights, table, weights_png = _draw_weights(model, output_dir, steps, stages)
     del model
-
+    runs = {"manager": run}
     loss_png = None
     if compare:
-        say(f"[5/{n_stages}] --compare: training the unpatched LLaVA-OV (same data, steps and seed, no Managers)")
-        base_overrides = demo_overrides(
-            data, output_dir / "baseline", steps, seed, managers=False, extra=recipe_overrides
-        )
-        baseline = runs["baseline"] = train_run("baseline", base_overrides, say)
-        with _one_thread():
-            base_model, base_processor = load_trained(baseline.model_dir)
-            baseline.score = score(base_model, base_processor, data)
-        del base_model
-        say(f"    loss {baseline.losses[0][1]:.3f} -> {baseline.losses[-1][1]:.3f} in {baseline.train_seconds:.0f} s")
-        say(f"    held-out accuracy without Managers: {baseline.score.line()} (with Managers: {run.score.line()})")
-        loss_png = plot_loss_curves(
-            {"with Managers": run.losses, "without Managers (baseline)": baseline.losses},
-            output_dir / "loss_curves.png",
-            title=f"tiny random LLaVA-OV on synthetic shapes, same data, steps and seed; held-out accuracy "
-            f"{_percent(run.score.accuracy)} with Managers, {_percent(baseline.score.accuracy)} without "
-            f"(chance {_percent(chance)})",
+        runs["baseline"], loss_png = _compare_baseline(
+            output_dir, data, steps, seed, recipe_overrides, run, chance, stages
         )
 
-    summary_json = output_dir / SUMMARY
     seconds = time.perf_counter() - started
     summary = {
         "steps": steps,
@@ -397,20 +341,118 @@ def run_demo(
         "answers": {name: r.score.answers for name, r in runs.items()},
         "seconds": round(seconds, 1),
     }
+    summary_json = output_dir / SUMMARY
     summary_json.write_text(json.dumps(summary, indent=1))
+    result = DemoResult(output_dir, data, runs, example, weights_png, table, loss_png, summary_json, seconds)
+    _say_written(result, stages)
+    return result
 
-    say(f"[{n_stages}/{n_stages}] done in {seconds:.0f} s. Written:")
+
+class _Stages:
+    """Numbered progress lines: `[2/5] training ...`."""
+
+    def __init__(self, total: int, say: Callable[[str], None]):
+        self.total, self.done, self.say = total, 0, say
+
+    def next(self, line: str) -> None:
+        self.done += 1
+        self.say(f"[{self.done}/{self.total}] {line}")
+
+
+def _train_and_score_managers(output_dir, data, steps, seed, recipe_overrides, stages):
+    """Train the patched tiny model, reload it and score the held-out questions; returns (run, reloaded model)."""
+    from ..train.recipe import load_recipe
+
+    say = stages.say
+    overrides = demo_overrides(data, output_dir / "manager", steps, seed, managers=True, extra=recipe_overrides)
+    recipe = load_recipe("tiny_cpu", overrides)
+    manager = dict(recipe.manager or {})
+    stages.next(
+        f"training: tiny random LLaVA-OV from configs/models/tiny.json, patched with "
+        f"{manager.get('manager_type', 'static')} Managers (injection={manager.get('injection', 'llm')}, "
+        f"LLM layers {manager.get('llm_layers', 'default')}); recipe tiny_cpu, DeepSpeed {recipe.deepspeed}, "
+        f"{steps} steps of {recipe.per_device_train_batch_size}"
+    )
+    run = train_run("Manager", overrides, say)
+    say(
+        f"    loss {run.losses[0][1]:.3f} -> {run.losses[-1][1]:.3f} in {run.train_seconds:.0f} s; saved to {run.model_dir}"
+    )
+    stages.next(f"reloading {run.model_dir} with llava_manager.from_pretrained and asking held-out questions")
+    with _one_thread():
+        model, processor = load_trained(run.model_dir)
+        resolved = model.config.manager
+        say(
+            f"    reloaded a {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters; "
+            f"Managers before LLM layers {resolved['llm_layers']} mixing SigLIP hidden_states {resolved['vision_layers']})"
+        )
+        run.score = score(model, processor, data)
+    return run, model
+
+
+def _show_example_and_accuracy(run, data, example, say) -> float:
+    """Print one held-out question with its answer, and the accuracy; returns the chance accuracy."""
+    say(f"    held-out image {data.image_folder / example['image']}")
+    say(f"    Q: {QUESTIONS[example['type']]}")
+    verdict = "correct" if example["correct"] else "wrong"
+    say(f"    A: {example['answer']!r}  (expected {example['expected']!r}: {verdict})")
+    chance = sum(CHANCE[r["type"]] for r in run.score.answers) / run.score.total
+    say(f"    held-out accuracy: {run.score.line()}; chance would be {_percent(chance)}")
+    return chance
+
+
+def _draw_weights(model, output_dir, steps, stages):
+    """The learned Manager weights as a table (printed) and a heatmap PNG; returns (weights, table, png)."""
+    from ..inspect_weights import format_table, manager_weights, plot_manager_weights
+
+    stages.next("drawing the learned Manager weights")
+    weights = manager_weights(model)
+    table = format_table(weights)
+    weights_png = plot_manager_weights(
+        weights, output_dir / "manager_weights.png", title=f"learned Manager weights after {steps} steps (demo)"
+    )
+    for line in table.splitlines():
+        stages.say("    " + line)
+    return weights, table, weights_png
+
+
+def _compare_baseline(output_dir, data, steps, seed, recipe_overrides, run, chance, stages):
+    """--compare: train and score the unpatched model the same way; returns (its run, the loss-curves PNG)."""
+    from .plots import plot_loss_curves
+
+    say = stages.say
+    stages.next("--compare: training the unpatched LLaVA-OV (same data, steps and seed, no Managers)")
+    base_overrides = demo_overrides(data, output_dir / "baseline", steps, seed, managers=False, extra=recipe_overrides)
+    baseline = train_run("baseline", base_overrides, say)
+    with _one_thread():
+        base_model, base_processor = load_trained(baseline.model_dir)
+        baseline.score = score(base_model, base_processor, data)
+    del base_model
+    say(f"    loss {baseline.losses[0][1]:.3f} -> {baseline.losses[-1][1]:.3f} in {baseline.train_seconds:.0f} s")
+    say(f"    held-out accuracy without Managers: {baseline.score.line()} (with Managers: {run.score.line()})")
+    loss_png = plot_loss_curves(
+        {"with Managers": run.losses, "without Managers (baseline)": baseline.losses},
+        output_dir / "loss_curves.png",
+        title=f"tiny random LLaVA-OV on synthetic shapes, same data, steps and seed; held-out accuracy "
+        f"{_percent(run.score.accuracy)} with Managers, {_percent(baseline.score.accuracy)} without "
+        f"(chance {_percent(chance)})",
+    )
+    return baseline, loss_png
+
+
+def _say_written(result: DemoResult, stages: _Stages) -> None:
+    """The closing lines: the time, every file written, and commands to try next."""
+    say, runs, run, data, example = stages.say, result.runs, result.runs["manager"], result.data, result.example
+    stages.next(f"done in {result.seconds:.0f} s. Written:")
     say(f"    data (train.json, heldout.json, images/)  {data.folder}")
     say(f"    trained model with Managers (HF format)   {run.model_dir}")
-    if compare:
+    if "baseline" in runs:
         say(f"    trained model without Managers            {runs['baseline'].model_dir}")
-        say(f"    loss curves (PNG)                         {loss_png}")
-    say(f"    Manager weights heatmap (PNG)             {weights_png}")
+        say(f"    loss curves (PNG)                         {result.loss_png}")
+    say(f"    Manager weights heatmap (PNG)             {result.weights_png}")
     say(f"    training logs                             {', '.join(str(r.log_file) for r in runs.values())}")
-    say(f"    summary with every held-out answer        {summary_json}")
+    say(f"    summary with every held-out answer        {result.summary_json}")
     say(
         f"try: llava-manager chat {run.model_dir} --image {data.image_folder / example['image']} "
         f'"{QUESTIONS[example["type"]]}"'
     )
     say(f"     llava-manager inspect {run.model_dir} --out weights.png")
-    return DemoResult(output_dir, data, runs, example, weights_png, table, loss_png, summary_json, seconds)
