@@ -8,13 +8,17 @@ Used by `llava-manager chat` and by the demo's held-out scoring.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 
 import torch
 
 from .chat_format import user_prompt
-from .errors import ImageError, ManagerError  # noqa: F401  (ImageError: re-exported)
+from .errors import ImageError, ManagerError, RequestError  # noqa: F401  (ImageError: re-exported)
+
+logger = logging.getLogger("llava_manager.chat")
 
 
 def load_images(paths: list[str | os.PathLike]) -> list:
@@ -48,6 +52,52 @@ def build_prompt(processor, num_images: int, question: str) -> str:
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     return user_prompt(question, num_images)
+
+
+def check_request(question: str, *, temperature: float = 0.0, max_new_tokens: int = 1) -> None:
+    """Refuse what cannot be answered as asked: an empty question, a temperature that is not a finite number
+    >= 0 (NaN would silently mean greedy), fewer than one new token. Raises `RequestError`."""
+    if not isinstance(question, str) or not question.strip():
+        raise RequestError(f"the question is empty ({question!r}): ask something")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+        raise RequestError(f"temperature {temperature!r}: use 0 (greedy) or a positive finite number")
+    if temperature < 0:
+        raise RequestError(f"temperature {temperature}: use 0 (greedy) or a positive number")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise RequestError(f"max_new_tokens {max_new_tokens!r}: use a whole number >= 1")
+
+
+def context_limit(model) -> int | None:
+    """The most positions the model's language model was built for (`max_position_embeddings`), if it says."""
+    config = getattr(model.config, "text_config", model.config)
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def fit_answer_length(prompt_tokens: int, max_new_tokens: int, limit: int | None, what: str = "the prompt") -> int:
+    """`max_new_tokens`, shortened (with a warning) so prompt and answer fit in `limit` positions.
+
+    Raises `RequestError` when the prompt alone (images included) leaves no room for one new token: transformers
+    would otherwise return an empty answer without a word."""
+    if limit is None:
+        return max_new_tokens
+    if prompt_tokens >= limit:
+        raise RequestError(
+            f"{what} is {prompt_tokens} tokens (images included), the model's context is {limit} "
+            "(text_config.max_position_embeddings): shorten the question, or use fewer or smaller images"
+        )
+    room = limit - prompt_tokens
+    if max_new_tokens > room:
+        logger.warning(
+            "%s is %d tokens of the model's %d: the answer is cut at %d new tokens instead of %d",
+            what,
+            prompt_tokens,
+            limit,
+            room,
+            max_new_tokens,
+        )
+        return room
+    return max_new_tokens
 
 
 def _generation_kwargs(model, processor, max_new_tokens: int, temperature: float) -> dict:
@@ -89,10 +139,17 @@ def ask(
 
     Returns:
         `str`: the answer, without the prompt and special tokens.
+
+    Raises:
+        `RequestError`: an empty question, a temperature that is not a finite number >= 0, `max_new_tokens` < 1, or
+            a prompt (images included) as long as the model's context. An answer that would run past the context is
+            cut to fit, with a warning.
     """
+    check_request(question, temperature=temperature, max_new_tokens=max_new_tokens)
     prompt = build_prompt(processor, len(images), question)
     # floating tensors (pixel_values) follow the model's dtype, e.g. bf16 checkpoints
     inputs = processor(images=images or None, text=prompt, return_tensors="pt").to(model.device, dtype=model.dtype)
+    max_new_tokens = fit_answer_length(inputs["input_ids"].shape[1], max_new_tokens, context_limit(model))
     kwargs = _generation_kwargs(model, processor, max_new_tokens, temperature)
     if stream:
         from transformers import TextStreamer
@@ -106,7 +163,10 @@ def ask(
 def ask_batch(
     model, processor, items: list[tuple[list, str]], *, max_new_tokens: int = 8, batch_size: int = 16
 ) -> list[str]:
-    """Greedy answers to many `(images, question)` items, `batch_size` at a time (left padding)."""
+    """Greedy answers to many `(images, question)` items, `batch_size` at a time (left padding). Checked as `ask`
+    checks (the longest prompt of a batch sets its answer length)."""
+    for _, question in items:
+        check_request(question, max_new_tokens=max_new_tokens)
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -118,8 +178,10 @@ def ask_batch(
             images = [image for item_images, _ in chunk for image in item_images]
             inputs = processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
             inputs = inputs.to(model.device, dtype=model.dtype)
+            what = f"the longest prompt of items {start}..{start + len(chunk) - 1}"
+            length = fit_answer_length(inputs["input_ids"].shape[1], max_new_tokens, context_limit(model), what)
             with torch.inference_mode():
-                output = model.generate(**inputs, **_generation_kwargs(model, processor, max_new_tokens, 0.0))
+                output = model.generate(**inputs, **_generation_kwargs(model, processor, length, 0.0))
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
             answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:

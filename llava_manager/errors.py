@@ -37,5 +37,10 @@ class DemoError(ManagerError):
     """The demo cannot run as asked (its output folder holds something else, training failed, ...)."""
 
 
+class RequestError(ManagerError):
+    """A generation request the model cannot answer as asked (empty question, bad sampling value, a prompt longer
+    than the model's context)."""
+
+
 class CommandError(Exception):
     """An error the `llava-manager` command shows as one or two lines (no traceback unless --debug)."""

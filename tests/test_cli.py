@@ -185,6 +185,19 @@ def test_chat_bad_options(tiny_checkpoint, image, capsys):
     assert_one_clear_error(capsys, "chat", "--temperature")
     assert main(["chat", str(tiny_checkpoint), "--image", str(image), "<image>\nq"]) == 1
     assert_one_clear_error(capsys, "chat", "<image>")
+    for value in ("nan", "inf"):  # NaN used to mean greedy
+        assert main(["chat", str(tiny_checkpoint), "--image", str(image), "--temperature", value, "q"]) == 1
+        assert_one_clear_error(capsys, "chat", "--temperature", value)
+    for question in ("", "  \n "):  # used to be answered
+        assert main(["chat", str(tiny_checkpoint), "--image", str(image), question]) == 1
+        assert_one_clear_error(capsys, "chat", "question is empty")
+
+
+def test_chat_with_a_prompt_past_the_context_says_so(tiny_checkpoint, image, capsys):
+    # used to print an empty answer and exit 0; the tiny model's context is 4096 positions
+    long_question = "t30 " * 5000
+    assert main(["chat", str(tiny_checkpoint), "--image", str(image), long_question]) == 1
+    assert_one_clear_error(capsys, "chat", "tokens (images included)", "context is 4096", "max_position_embeddings")
 
 
 def test_debug_shows_the_traceback(tmp_path, image):

@@ -170,6 +170,37 @@ def test_batched_generation_equals_one_by_one(tiny_manager_dir):
 
 
 @needs_lmms_eval
+def test_answers_are_cut_to_the_context_counted_and_an_over_long_prompt_is_an_error(tiny_manager_dir, monkeypatch):
+    from llava_manager.errors import RequestError
+    from llava_manager.eval.model import LlavaManager
+
+    docs = json.loads((FIXTURE_TASK / "questions.json").read_text())[:2]
+    lm = LlavaManager(pretrained=str(tiny_manager_dir), batch_size=1, conv_template="qwen_1_5")
+    lm.task_dict = {"tiny": {"test": docs}}
+    kwargs = {"max_new_tokens": 50, "until": ["\n\n"], "do_sample": False}
+    lengths = []  # each batch's prompt length, images included, as the model sees it
+    make_inputs = lm._inputs
+
+    def recording_inputs(prompts, images):
+        inputs = make_inputs(prompts, images)
+        lengths.append(int(inputs["attention_mask"].sum(dim=1).max()))
+        return inputs
+
+    monkeypatch.setattr(lm, "_inputs", recording_inputs)
+    lm.generate_until(_fixture_requests(docs, kwargs))
+    assert lm.cut_answers == 0  # the tiny model's 4096 positions leave room for 50 new tokens
+    limit = max(lengths) + 2
+    monkeypatch.setattr(lm.model.config.text_config, "max_position_embeddings", limit)
+    lengths.clear()
+    results = lm.generate_until(_fixture_requests(docs, kwargs))
+    assert lm.cut_answers == len(docs)  # both answers were cut short, and counted
+    assert all(0 < result.token_counts.output_tokens <= limit - min(lengths) for result in results)
+    monkeypatch.setattr(lm.model.config.text_config, "max_position_embeddings", min(lengths))
+    with pytest.raises(RequestError, match=r"the prompt of tiny doc \d+ is \d+ tokens \(images included\)"):
+        lm.generate_until(_fixture_requests(docs, kwargs))
+
+
+@needs_lmms_eval
 def test_model_args(tiny_manager_dir):
     from llava_manager.eval.model import LlavaManager
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 EPILOG = """examples:
   llava-manager chat outputs/demo/manager --image outputs/demo/data/images/heldout-0000.png "What color is the shape?"
@@ -58,8 +59,10 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens {args.max_new_tokens}: use 1 or more")
-    if args.temperature < 0:
-        raise CommandError(f"--temperature {args.temperature}: use 0 (greedy) or a positive number")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise CommandError(f"--temperature {args.temperature}: use 0 (greedy) or a positive finite number")
+    if not args.question.strip():
+        raise CommandError(f"the question is empty ({args.question!r}): ask something")
     if "<image>" in args.question:
         raise CommandError("leave <image> out of the question: pass each image with --image, they go first")
     check_model_argument(args.model)

@@ -39,6 +39,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
+from ..chat import context_limit, fit_answer_length
 from .prompt import CONV_TEMPLATES, build_prompt, get_template, with_image_placeholders
 
 # Arguments of lmms-eval's `llava_onevision` model that the authors' scripts could pass; they
@@ -206,6 +207,7 @@ class LlavaManager(lmms):
         self._tokenizer = tokenizer
         self._eos_token_ids = self._stop_token_ids()
 
+        self.cut_answers = 0  # answers cut short to fit the context (counted, logged at the end of each call)
         self._report_model()
 
     # ---- lmms-eval's expected properties ---------------------------------------------------------
@@ -359,6 +361,9 @@ class LlavaManager(lmms):
             generate_kwargs, until = self._generation_kwargs(all_gen_kwargs[0])  # grouped: same kwargs in a batch
 
             inputs = self._inputs(prompts, [image for images in images_per_request for image in images])
+            generate_kwargs["max_new_tokens"] = self._fit_answer(
+                inputs, generate_kwargs["max_new_tokens"], tasks, doc_ids
+            )
             with torch.inference_mode():
                 output_ids = self._model.generate(**inputs, **generate_kwargs)
             prompt_length = inputs["input_ids"].shape[1]
@@ -380,7 +385,23 @@ class LlavaManager(lmms):
                 self.cache_hook.add_partial("generate_until", (contexts[row], all_gen_kwargs[0]), text)
             progress.update(len(chunk))
         progress.close()
+        if self.cut_answers:
+            eval_logger.warning(
+                f"llava_manager: {self.cut_answers} answer(s) so far were cut short to fit the model's context "
+                f"({context_limit(self._model)} positions)"
+            )
         return collator.get_original(results)
+
+    def _fit_answer(self, inputs, max_new_tokens: int, tasks, doc_ids) -> int:
+        """The batch's answer length, cut (counted in `cut_answers`, logged) so the longest prompt plus its answer
+        fit the context; a prompt that fills the context alone is a `RequestError` naming the documents."""
+        limit = context_limit(self._model)
+        prompt_tokens = int(inputs["attention_mask"].sum(dim=1).max())
+        where = ", ".join(f"{task} doc {doc_id}" for task, doc_id in zip(tasks, doc_ids))
+        fitted = fit_answer_length(prompt_tokens, max_new_tokens, limit, what=f"the prompt of {where}")
+        if fitted < max_new_tokens:
+            self.cut_answers += len(doc_ids)
+        return fitted
 
     def _count_generated(self, tokens: torch.Tensor) -> int:
         """Generated tokens up to and including the first stop token (the rest is padding)."""
