@@ -99,7 +99,7 @@ class ManagerConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            if not isinstance(value, (list, tuple, range)):  # a dict or set would be read by its keys, unordered
                 raise _bad(name, value, "use a list of layer indices")
             value = list(value)
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -139,7 +139,12 @@ class ManagerConfig:
 
     # ---- validation against a model ----------------------------------------------------------------
     def resolve(self, model_config, layout: ImageLayout | None = None) -> ManagerConfig:
-        """Return a copy with defaults filled in for `model_config` (a `LlavaOnevisionConfig`), or raise."""
+        """Return a copy with defaults filled in for `model_config` (a `LlavaOnevisionConfig`), or raise.
+
+        The fields are checked again first: they may have been changed since the config was made."""
+        return dataclasses.replace(self)._resolve(model_config, layout)
+
+    def _resolve(self, model_config, layout: ImageLayout | None) -> ManagerConfig:
         n_vision = model_config.vision_config.num_hidden_layers
         n_llm = model_config.text_config.num_hidden_layers
         vision_layers = list(self.vision_layers) if self.vision_layers is not None else default_vision_layers(n_vision)

@@ -82,10 +82,16 @@ def oracle_prompt(ids: list[int]) -> str:
     return "".join("<image>" if i == -200 else vocabulary[i] for i in ids)
 
 
-def write_checkpoint(case: str, dest: Path, *, managers: bool = True, tokenizer: bool = True) -> Path:
-    """An original-format checkpoint folder made from an oracle case (optionally without its Managers)."""
+def write_checkpoint(
+    case: str, dest: Path, *, managers: bool = True, tokenizer: bool = True, tower: bool = False
+) -> Path:
+    """An original-format checkpoint folder made from an oracle case (optionally without its Managers; `tower`:
+    with the tiny vision tower's config beside it, where conversion looks for it)."""
     source = ORACLE_DIR / case / "checkpoint"
     dest.mkdir(parents=True, exist_ok=True)
+    if tower:
+        (dest.parent / TOWER).mkdir(exist_ok=True)
+        shutil.copy(ORACLE_DIR / TOWER / "config.json", dest.parent / TOWER / "config.json")
     config = json.loads((source / "config.json").read_text())
     shutil.copy(source / "generation_config.json", dest / "generation_config.json")
     if managers:

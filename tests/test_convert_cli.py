@@ -12,7 +12,6 @@ from hub_stand_in import (
     IMAGE_ID,
     ORACLE_DIR,
     REPO_ID,
-    TOWER,
     VIDEO_ID,
     files_under,
     make_repo,
@@ -35,9 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def source(tmp_path) -> Path:
-    (tmp_path / "src" / TOWER).mkdir(parents=True)
-    (tmp_path / "src" / TOWER / "config.json").write_bytes((ORACLE_DIR / TOWER / "config.json").read_bytes())
-    return write_checkpoint("static_all_anyres", tmp_path / "src" / "checkpoint")
+    return write_checkpoint("static_all_anyres", tmp_path / "src" / "checkpoint", tower=True)
 
 
 def oracle_logits_diff(model, processor, case_name="static_all_anyres") -> float:

@@ -3,6 +3,7 @@ with a progress bar."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ class _Progress:
         from tqdm.auto import tqdm
 
         enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.enabled = enabled
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not enabled, desc="converting")
 
     def step(self, description: str, nbytes: int = 0) -> None:
@@ -33,6 +35,21 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+@contextlib.contextmanager
+def _transformers_bars(enabled: bool):
+    """transformers' own bars ("Loading weights", "Writing model shards") follow ours: off when ours is off."""
+    from transformers.utils import logging as hf_logging
+
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def convert_checkpoint(
@@ -73,7 +90,7 @@ def convert_checkpoint(
     weight_bytes = sum(p.stat().st_size for p in safetensors + pickles)
     bar = _Progress(2 * weight_bytes + 1, progress)
     try:
-        with atomic_directory(out_dir, replace=overwrite) as temporary:
+        with _transformers_bars(bar.enabled), atomic_directory(out_dir, replace=overwrite) as temporary:
             _convert_into(
                 source, checkpoint, pickles, temporary, tokenizer=tokenizer, bar=bar, weight_bytes=weight_bytes
             )

@@ -124,7 +124,10 @@ def resolve(
         raise HubError(f"{name!r} is neither a local folder nor a valid Hub repo id ({error})") from None
 
     download = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download)
-    snapshot = Path(_snapshot(name, revision, allow_patterns(subfolder), **download))
+    try:
+        snapshot = Path(_snapshot(name, revision, allow_patterns(subfolder), **download))
+    except HubError as error:  # "owner/name" may also be a mistyped relative folder: say both
+        raise HubError(f"no local folder {name!r} in {Path.cwd()}, and as a Hub repo id: {error}") from None
     commit = snapshot.name
     target = snapshot / subfolder if subfolder else snapshot
     listing = _repo_listing(name, commit, cache_dir)

@@ -1,0 +1,51 @@
+"""Faults and bad input (issue "Faults and bad input"): each test fails without its fix."""
+
+import pytest
+from hub_stand_in import write_checkpoint
+
+from llava_manager import ManagerConfig, ManagerConfigError, is_patched, patch_llava
+from llava_manager.checkpoint.conversion import convert_checkpoint
+from llava_manager.checkpoint.source import resolve
+from llava_manager.errors import HubError
+from llava_manager.testing.tiny import tiny_model
+
+
+# ---- small ones ------------------------------------------------------------------------------------------
+def test_a_mistyped_relative_folder_is_named_as_a_missing_local_folder_too(tmp_path, monkeypatch):
+    (tmp_path / "src" / "good").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubError) as caught:
+        resolve("srcx/good", local_files_only=True, cache_dir=tmp_path / "cache")
+    message = str(caught.value)
+    assert f"no local folder 'srcx/good' in {tmp_path}" in message
+    assert "Hub" in message  # and what the Hub lookup said
+
+
+@pytest.mark.parametrize("value", [{1: 1, 2: 2}, {1, 2}, "12", 3])
+def test_layer_lists_must_be_lists(value):
+    for field in ("vision_layers", "llm_layers"):
+        with pytest.raises(ManagerConfigError, match=f"{field}.*list of layer indices"):
+            ManagerConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value", [("llm_layers", "02"), ("vision_layers", {3: 3, 4: 4}), ("manager_type", "bogus"), ("jitter", 2)]
+)
+def test_fields_changed_after_construction_are_checked_again_at_patch_time(field, value):
+    config = ManagerConfig(vision_layers=[1, 2], llm_layers=[0, 1])
+    setattr(config, field, value)
+    model = tiny_model()
+    with pytest.raises(ManagerConfigError, match=field):
+        patch_llava(model, config)
+    assert not is_patched(model) and type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+
+
+def test_no_progress_hides_transformers_own_bars_too(tmp_path, capfd):
+    source = write_checkpoint("static_all_anyres", tmp_path / "src" / "checkpoint", tower=True)
+    capfd.readouterr()
+    convert_checkpoint(source, tmp_path / "out", progress=False)
+    err = capfd.readouterr().err
+    assert "Writing" not in err and "Loading weights" not in err and "%|" not in err, err
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards
