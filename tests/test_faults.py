@@ -1,5 +1,7 @@
 """Faults and bad input (issue "Faults and bad input"): each test fails without its fix."""
 
+from pathlib import Path
+
 import pytest
 from hub_stand_in import write_checkpoint
 
@@ -49,3 +51,42 @@ def test_no_progress_hides_transformers_own_bars_too(tmp_path, capfd):
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards
+
+
+# ---- a failed training run -------------------------------------------------------------------------------
+@pytest.mark.parametrize("existed", [False, True], ids=["new-folder", "folder-with-files"])
+def test_a_training_run_that_fails_mid_run_leaves_nothing_new_behind(tmp_path, existed):
+    import json
+
+    from train_helpers import tiny_recipe
+
+    from llava_manager.train.main import train
+
+    recipe = tiny_recipe(tmp_path, "--check_images", "none", "--save_steps", "0")
+    data_file = Path(recipe.data_path)
+    records = json.loads(data_file.read_text())
+    broken = next(r for r in records if isinstance(r.get("image"), str))
+    (Path(recipe.image_folder) / broken["image"]).write_bytes(b"not a png")  # found only when its batch loads
+    output_dir = Path(recipe.output_dir)
+    if existed:
+        output_dir.mkdir()
+        (output_dir / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match=broken["image"]):
+        train(recipe)
+    if existed:
+        assert sorted(p.name for p in output_dir.iterdir()) == ["notes.txt"]
+        assert (output_dir / "notes.txt").read_text() == "mine"
+    else:
+        assert not output_dir.exists()
+
+
+def test_checkpoints_of_a_failed_run_are_kept_for_resume(tmp_path):
+    from llava_manager.train.saving import remove_what_a_failed_run_created
+
+    output_dir = tmp_path / "out"
+    with pytest.raises(RuntimeError), remove_what_a_failed_run_created(output_dir):
+        (output_dir / "checkpoint-2").mkdir(parents=True)
+        (output_dir / "runs").mkdir()
+        (output_dir / "trainer_log.txt").write_text("x")
+        raise RuntimeError("killed mid-run")
+    assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-2"]

@@ -30,7 +30,7 @@ from .arguments import training_arguments
 from .environment import prepare_environment
 from .model_setup import apply_lora, check_processor, configure_images, load_for_training, patch_model
 from .recipe import Recipe, RecipeError, load_recipe, parse_overrides, resolve_accumulation, world_size_from_env
-from .saving import gather_dropped, save_lora_result
+from .saving import gather_dropped, remove_what_a_failed_run_created, save_lora_result
 
 logger = logging.getLogger("llava_manager.train")
 
@@ -146,7 +146,15 @@ def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
 
 
 def train(recipe: Recipe, *, callbacks: list | None = None) -> TrainResult:
-    """Run one training job described by `recipe` and return its result (the trainer included)."""
+    """Run one training job described by `recipe` and return its result (the trainer included).
+
+    A run that fails removes what it created in `output_dir` (the folder itself if it made it), except the
+    checkpoints it saved, which a resume can use; what was there before is never touched."""
+    with remove_what_a_failed_run_created(Path(recipe.output_dir)):
+        return _train(recipe, callbacks)
+
+
+def _train(recipe: Recipe, callbacks: list | None) -> TrainResult:
     trainer, prepared = build_trainer(recipe, callbacks=callbacks)
     resume = recipe.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=None if resume is False else resume)

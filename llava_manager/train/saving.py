@@ -1,9 +1,50 @@
-"""What a finished run writes besides the Trainer's own saves: the dropped-samples report (gathered over
-ranks) and, for LoRA runs, the adapter plus the merged HF-format model."""
+"""What a run leaves in its output folder besides the Trainer's own saves: the dropped-samples report (gathered
+over ranks), for LoRA runs the adapter plus the merged HF-format model, and after a failure nothing new but its
+checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import shutil
 from pathlib import Path
+
+logger = logging.getLogger("llava_manager.train")
+
+
+@contextlib.contextmanager
+def remove_what_a_failed_run_created(output_dir: Path):
+    """On an exception, remove the entries of `output_dir` that were not there before, except `checkpoint-*`
+    folders (a resume can use them), and `output_dir` itself when the run created it and nothing is kept.
+    Only the main process removes (RANK 0); the exception goes on."""
+    existed = output_dir.is_dir()
+    before = {entry.name for entry in output_dir.iterdir()} if existed else set()
+    try:
+        yield
+    except BaseException:
+        if int(os.environ.get("RANK", "0")) == 0 and output_dir.is_dir():
+            _remove_new_entries(output_dir, before, existed)
+        raise
+
+
+def _remove_new_entries(output_dir: Path, before: set[str], existed: bool) -> None:
+    kept = []
+    for entry in sorted(output_dir.iterdir()):
+        if entry.name in before:
+            continue
+        if entry.name.startswith("checkpoint-") and entry.is_dir():
+            kept.append(entry.name)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if kept:
+        logger.warning("the run failed; kept %s in %s for --resume_from_checkpoint", ", ".join(kept), output_dir)
+    elif not existed:
+        with contextlib.suppress(OSError):  # not empty: something else writes there now; leave it
+            output_dir.rmdir()
 
 
 def gather_dropped(trainer, skipped: list[str]) -> dict[str, list[str]]:
