@@ -1,5 +1,6 @@
 """Faults and bad input (issue "Faults and bad input"): each test fails without its fix."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from hub_stand_in import write_checkpoint
 from llava_manager import ManagerConfig, ManagerConfigError, is_patched, patch_llava
 from llava_manager.checkpoint.conversion import convert_checkpoint
 from llava_manager.checkpoint.source import resolve
-from llava_manager.errors import HubError
+from llava_manager.errors import HubError, RecipeError
 from llava_manager.testing.tiny import tiny_model
 
 
@@ -90,3 +91,86 @@ def test_checkpoints_of_a_failed_run_are_kept_for_resume(tmp_path):
         (output_dir / "trainer_log.txt").write_text("x")
         raise RuntimeError("killed mid-run")
     assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-2"]
+
+
+# ---- resume after a kill ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A short run that saved checkpoint-2 and checkpoint-4."""
+    from train_helpers import tiny_recipe
+
+    from llava_manager.train.main import train
+
+    root = tmp_path_factory.mktemp("run")
+    recipe = tiny_recipe(root, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "3")
+    train(recipe)
+    output_dir = Path(recipe.output_dir)
+    assert {p.name for p in output_dir.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
+    return root
+
+
+def _copy_run(finished_run, tmp_path) -> Path:
+    import shutil
+
+    shutil.copytree(finished_run, tmp_path / "run")
+    return tmp_path / "run" / "out"
+
+
+@pytest.mark.parametrize("damage", ["no_trainer_state", "truncated_optimizer", "truncated_weights"])
+def test_resume_skips_a_half_written_newest_checkpoint_and_says_why(finished_run, tmp_path, damage, caplog):
+    from llava_manager.train.resume import choose_checkpoint
+
+    output_dir = _copy_run(finished_run, tmp_path)
+    newest = output_dir / "checkpoint-4"
+    if damage == "no_trainer_state":
+        (newest / "trainer_state.json").unlink()
+        reason = "no trainer_state.json"
+    else:
+        name = "optimizer.pt" if damage == "truncated_optimizer" else "model.safetensors"
+        data = (newest / name).read_bytes()
+        (newest / name).write_bytes(data[: len(data) // 2])
+        reason = f"{name} is truncated or corrupt"
+    assert choose_checkpoint(output_dir, False) is None
+    with caplog.at_level("WARNING", logger="llava_manager.train"):
+        assert choose_checkpoint(output_dir, True) == str(output_dir / "checkpoint-2")
+    assert f"skipping checkpoint-4: {reason}" in caplog.text and "continuing from" in caplog.text
+    with pytest.raises(RecipeError, match=rf"{reason}.*newest complete one there is .*checkpoint-2"):
+        choose_checkpoint(output_dir, str(newest))  # asked for by path: a clear error, not a bare one
+
+
+def test_resume_without_any_complete_checkpoint_is_a_clear_error(finished_run, tmp_path):
+    from llava_manager.train.resume import choose_checkpoint
+
+    output_dir = _copy_run(finished_run, tmp_path)
+    for folder in output_dir.glob("checkpoint-*"):
+        (folder / "trainer_state.json").unlink()
+    with pytest.raises(RecipeError, match="no complete checkpoint.*checkpoint-4: no trainer_state.json"):
+        choose_checkpoint(output_dir, True)
+    with pytest.raises(RecipeError, match="has no checkpoint-N folder"):
+        choose_checkpoint(tmp_path / "empty", True)
+
+
+def test_a_resumed_run_continues_from_the_newest_complete_checkpoint(finished_run, tmp_path, caplog):
+    from train_helpers import tiny_recipe
+
+    from llava_manager.train.main import train
+
+    output_dir = _copy_run(finished_run, tmp_path)
+    (output_dir / "checkpoint-4" / "trainer_state.json").unlink()  # as a kill during its save leaves it
+    recipe = tiny_recipe(
+        tmp_path / "run",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "3",
+        "--resume_from_checkpoint",
+        "true",
+    )
+    with caplog.at_level("WARNING", logger="llava_manager.train"):
+        result = train(recipe)
+    assert f"continuing from {output_dir / 'checkpoint-2'}" in caplog.text
+    assert result.trainer.state.global_step == 4
+    resaved = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert resaved["global_step"] == 4  # steps 3 and 4 ran again and saved checkpoint-4 whole

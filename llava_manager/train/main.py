@@ -30,6 +30,7 @@ from .arguments import training_arguments
 from .environment import prepare_environment
 from .model_setup import apply_lora, check_processor, configure_images, load_for_training, patch_model
 from .recipe import Recipe, RecipeError, load_recipe, parse_overrides, resolve_accumulation, world_size_from_env
+from .resume import choose_checkpoint
 from .saving import gather_dropped, remove_what_a_failed_run_created, save_lora_result
 
 logger = logging.getLogger("llava_manager.train")
@@ -155,9 +156,9 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> TrainResult:
 
 
 def _train(recipe: Recipe, callbacks: list | None) -> TrainResult:
+    resume = choose_checkpoint(recipe.output_dir, recipe.resume_from_checkpoint)  # before any heavy work
     trainer, prepared = build_trainer(recipe, callbacks=callbacks)
-    resume = recipe.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=None if resume is False else resume)
+    trainer.train(resume_from_checkpoint=resume)
 
     # 3. the final directory
     output_dir = Path(recipe.output_dir)
