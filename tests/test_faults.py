@@ -1,6 +1,8 @@
 """Faults and bad input (issue "Faults and bad input"): each test fails without its fix."""
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,85 @@ def test_a_resumed_run_continues_from_the_newest_complete_checkpoint(finished_ru
     assert result.trainer.state.global_step == 4
     resaved = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
     assert resaved["global_step"] == 4  # steps 3 and 4 ran again and saved checkpoint-4 whole
+
+
+# ---- kill -9 during a write ----------------------------------------------------------------------------------
+_SLOW_CONVERT = """
+import sys, time
+import llava_manager.checkpoint.conversion as conversion
+
+original = conversion._convert_into
+
+def slow(*args, **kwargs):
+    original(*args, **kwargs)
+    time.sleep(120)  # the model is written into the temporary folder: the parent kills us here
+
+conversion._convert_into = slow
+conversion.convert_checkpoint(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def _wait_for(predicate, timeout=120.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_a_rerun_removes_what_a_killed_conversion_left(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    source = write_checkpoint("static_all_anyres", tmp_path / "src" / "checkpoint", tower=True)
+    out = tmp_path / "converted"
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(source), str(out)])
+    try:
+        # kill when the temporary folder holds the written weights (not after a fixed sleep)
+        temporary = _wait_for(
+            lambda: [p for p in tmp_path.glob(".converted.tmp-*") if (p / "model.safetensors").is_file()]
+        )[0]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert temporary.is_dir() and not out.exists()  # what a kill -9 leaves
+    convert_checkpoint(source, out, progress=False)  # the re-run
+    assert (out / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".converted.*")), "the dead writer's temporary folder is still there"
+
+
+def test_a_live_writers_temporary_folder_is_left_alone(tmp_path):
+    import subprocess
+    import sys
+
+    from llava_manager.checkpoint.folders import OWNER_FILE, atomic_directory, leftover_temporaries
+
+    final = tmp_path / "out"
+    live = tmp_path / ".out.tmp-live"
+    live.mkdir()
+    (live / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": None}))
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / ".out.tmp-dead"
+    dead.mkdir()
+    owner = {"pid": int(finished.stdout), "host": socket.gethostname(), "start": None}
+    (dead / OWNER_FILE).write_text(json.dumps(owner))
+    assert leftover_temporaries(final) == [dead]
+    with atomic_directory(final) as temporary:
+        (temporary / "file").write_text("x")
+    assert live.is_dir() and not dead.exists()
+    assert sorted(p.name for p in final.iterdir()) == ["file"]  # the owner file is not part of the result
+
+
+def test_a_failed_write_leaves_no_empty_folders(tmp_path):
+    from llava_manager.checkpoint.folders import atomic_directory
+
+    final = tmp_path / "cache" / "v1" / "hub" / "repo" / "out"
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(RuntimeError), atomic_directory(final):
+        raise RuntimeError("wrong-shaped weights")
+    assert list((tmp_path / "cache").iterdir()) == []  # the folders it made are gone, the one that was there stays
