@@ -45,14 +45,16 @@ def test_fields_changed_after_construction_are_checked_again_at_patch_time(field
     assert not is_patched(model) and type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
 
 
-def test_no_progress_hides_transformers_own_bars_too(tmp_path, capfd):
+def test_no_progress_hides_transformers_own_bars_too(tmp_path, capfd, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():  # an earlier test (the chat command) switched them off
+        monkeypatch.setattr(hf_logging, "_tqdm_active", True)
     source = write_checkpoint("static_all_anyres", tmp_path / "src" / "checkpoint", tower=True)
     capfd.readouterr()
     convert_checkpoint(source, tmp_path / "out", progress=False)
     err = capfd.readouterr().err
     assert "Writing" not in err and "Loading weights" not in err and "%|" not in err, err
-    from transformers.utils import logging as hf_logging
-
     assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards
 
 
@@ -258,3 +260,47 @@ def test_a_failed_write_leaves_no_empty_folders(tmp_path):
     with pytest.raises(RuntimeError), atomic_directory(final):
         raise RuntimeError("wrong-shaped weights")
     assert list((tmp_path / "cache").iterdir()) == []  # the folders it made are gone, the one that was there stays
+
+
+def test_the_cache_command_lists_and_cleans_what_no_load_will_use(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import llava_manager
+    from llava_manager.checkpoint.folders import OWNER_FILE
+    from llava_manager.cli import main
+    from llava_manager.version import __version__
+
+    source = write_checkpoint("static_all_anyres", tmp_path / "src" / "checkpoint", tower=True)
+    cache = tmp_path / "cache"
+    llava_manager.from_pretrained(str(source), conversion_cache_dir=str(cache), progress=False)
+    [converted] = [p.parent for p in cache.rglob("llava_manager_conversion.json")]
+    local = cache / f"v{__version__}" / "local"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for name, pid in ((".x.tmp-dead", int(finished.stdout)), (".y.tmp-live", os.getpid())):
+        (local / name).mkdir()
+        (local / name / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "start": None}))
+        (local / name / "model.safetensors").write_bytes(b"half")
+    (local / "cut-short").mkdir()
+    (local / "cut-short" / "config.json").write_text("{}")  # no marker: never finished
+    (cache / "v0.0.1" / "local" / "old").mkdir(parents=True)
+    (cache / "v0.0.1" / "local" / "old" / "model.safetensors").write_bytes(b"old")
+
+    assert main(["cache", "--cache-dir", str(cache)]) == 0
+    listing = capsys.readouterr().out
+    for kind in ("converted", "abandoned", "in progress", "incomplete", "other version"):
+        assert kind in listing, listing
+    assert str(source) in listing  # a conversion is listed with its source
+
+    assert main(["cache", "clean", "--dry-run", "--cache-dir", str(cache)]) == 0
+    assert "would remove 3 folder(s)" in capsys.readouterr().out
+    assert (local / ".x.tmp-dead").is_dir()  # a dry run removes nothing
+
+    assert main(["cache", "clean", "--cache-dir", str(cache)]) == 0
+    assert "removed 3 folder(s)" in capsys.readouterr().out
+    assert not (local / ".x.tmp-dead").exists() and not (local / "cut-short").exists()
+    assert not (cache / "v0.0.1").exists()
+    assert (local / ".y.tmp-live").is_dir() and converted.is_dir()  # a live writer's and the usable one stay
+
+    assert main(["cache", "clean", "--all", "--cache-dir", str(cache)]) == 0
+    assert not converted.exists() and (local / ".y.tmp-live").is_dir()

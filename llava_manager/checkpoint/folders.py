@@ -113,21 +113,26 @@ def leftover_temporaries(final: Path) -> list[Path]:
         *final.parent.glob(f".{glob.escape(final.name)}.tmp-*"),
         *final.parent.glob(f".{glob.escape(final.name)}.old-*"),
     ]
-    dead = []
-    for candidate in candidates:
-        try:
-            owner = json.loads((candidate / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            owner = None
-        with contextlib.suppress(OSError):
-            if (
-                owner is not None
-                and _owner_is_dead(owner)
-                or owner is None
-                and time.time() - candidate.stat().st_mtime > STALE_TEMP_SECONDS
-            ):
-                dead.append(candidate)
-    return dead
+    return [candidate for candidate in candidates if is_abandoned(candidate)]
+
+
+def is_temporary(path: Path) -> bool:
+    """A temporary folder of `atomic_directory` (`.NAME.tmp-*` or `.NAME.old-*`)."""
+    return path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name)
+
+
+def is_abandoned(temporary: Path) -> bool:
+    """No live writer will finish `temporary`: its owner is dead, or it has no owner file and is a day old."""
+    try:
+        owner = json.loads((Path(temporary) / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        owner = None
+    try:
+        if owner is not None:
+            return _owner_is_dead(owner)
+        return time.time() - Path(temporary).stat().st_mtime > STALE_TEMP_SECONDS
+    except OSError:  # gone meanwhile
+        return False
 
 
 def _remove_stale_temporaries(final: Path) -> None:
