@@ -148,6 +148,17 @@ def pyplot():
     return plt
 
 
+def save_png(figure, path: str | Path) -> Path:
+    """Write `figure` (laid out tightly) to `path` as PNG, creating the folder, and close it."""
+    plt = pyplot()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    plt.close(figure)
+    return path
+
+
 def plot_manager_weights(weights: ManagerWeights, path: str | Path, title: str | None = None) -> Path:
     """Write a heatmap (rows: Managers / injection layers, columns: vision layers) of mean |w| to `path` (PNG)."""
     plt = pyplot()
@@ -185,12 +196,7 @@ def plot_manager_weights(weights: ManagerWeights, path: str | Path, title: str |
     colorbar.set_label("mean |w| over channels")
     default_title = f"Manager weights ({weights.manager_type}, injection={weights.injection})"
     axes.set_title(textwrap.fill(title or default_title, 60), fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    plt.close(figure)
-    return path
+    return save_png(figure, path)
 
 
 # ---- from a checkpoint ------------------------------------------------------------------------------------

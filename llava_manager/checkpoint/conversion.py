@@ -110,7 +110,7 @@ def _convert_into(source, checkpoint, pickles, out: Path, *, tokenizer, bar: _Pr
     bar.step("reading the tokenizer")
     tokenizer = prepare_tokenizer(tokenizer if tokenizer is not None else source.path, checkpoint.config)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<image>", "<video>", "<|im_start|>")}
-    bar.step(f"reading and converting {_size(weight_bytes)} of weights")
+    bar.step(f"reading and converting {format_size(weight_bytes)} of weights")
     state_dict = read_weights([], pickles) if pickles else None
     model = load_original(
         source.path,
@@ -155,7 +155,8 @@ def _set_generation_config(model, checkpoint_dir: Path, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def _size(nbytes: int) -> str:
+def format_size(nbytes: int) -> str:
+    """A byte count for people: `383.2 MB` (decimal units, as file managers and the Hub show them)."""
     for unit in ("B", "KB", "MB", "GB"):
         if nbytes < 1000 or unit == "GB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"

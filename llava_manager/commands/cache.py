@@ -34,18 +34,11 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size} B"
-
-
 def run(args) -> int:
     from pathlib import Path
 
     from ..checkpoint.cache import clean_cache, default_cache_dir, scan_cache
+    from ..checkpoint.conversion import format_size
     from ..errors import CommandError
 
     root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
@@ -61,17 +54,17 @@ def run(args) -> int:
             return 0
         for entry in entries:
             print(
-                f"  {entry.kind:<13} {_human(entry.size):>9}  {entry.source or '-'}\n  {'':<13} {'':>9}  {entry.path}"
+                f"  {entry.kind:<13} {format_size(entry.size):>9}  {entry.source or '-'}\n  {'':<13} {'':>9}  {entry.path}"
             )
         removable = [e for e in entries if e.kind in ("abandoned", "incomplete", "other version")]
         total = sum(e.size for e in entries)
         print(
-            f"{len(entries)} folder(s), {_human(total)}; `llava-manager cache clean` frees {_human(sum(e.size for e in removable))}"
+            f"{len(entries)} folder(s), {format_size(total)}; `llava-manager cache clean` frees {format_size(sum(e.size for e in removable))}"
         )
         return 0
     removed = clean_cache(root, everything=args.all, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for entry in removed:
-        print(f"{verb} {entry.kind} {entry.path} ({_human(entry.size)})")
-    print(f"{verb} {len(removed)} folder(s), {_human(sum(e.size for e in removed))}")
+        print(f"{verb} {entry.kind} {entry.path} ({format_size(entry.size)})")
+    print(f"{verb} {len(removed)} folder(s), {format_size(sum(e.size for e in removed))}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from ..inspect_weights import pyplot
+from ..inspect_weights import pyplot, save_png
 
 
 def _centred_mean(values: list[float], window: int) -> list[float]:
@@ -43,9 +43,4 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Pat
     axes.grid(alpha=0.3)
     axes.legend()
     axes.set_title(textwrap.fill(title or "training loss", 80), fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    plt.close(figure)
-    return path
+    return save_png(figure, path)
