@@ -97,7 +97,8 @@ def check_package_data() -> None:
     from importlib.resources import files
 
     resources = files("llava_manager") / "resources"
-    wanted = ["configs/recipes/stage2_si.yaml", "configs/deepspeed/zero3.json", "patches/lmms_eval/README.md"]
+    wanted = ["configs/recipes/stage2_si.yaml", "configs/recipes/demo.yaml", "configs/models/demo.json"]
+    wanted += ["configs/deepspeed/zero3.json", "patches/lmms_eval/README.md"]
     missing = [name for name in wanted if not (resources / name).is_file()]
     if missing:
         raise SystemExit(f"package data missing from the install: {', '.join(missing)}")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from llava_manager.cli import main
 from llava_manager.demo import run_demo, write_demo_dataset
+from llava_manager.demo.pipeline import normalise
 from llava_manager.demo.shapes import COLORS, POSITIONS, QUESTIONS, SHAPES
 from llava_manager.testing.tiny import tiny_tokenizer
 
@@ -62,6 +63,37 @@ def test_same_seed_same_files(tmp_path):
     b = write_demo_dataset(tmp_path / "b", n_train=5, n_heldout=2, seed=7)
     assert a.train_json.read_text() == b.train_json.read_text()
     assert (a.image_folder / "train-0003.png").read_bytes() == (b.image_folder / "train-0003.png").read_bytes()
+
+
+def test_answers_are_scored_on_their_first_word():
+    assert normalise("Red.") == "red" and normalise(" left, I think") == "left"
+    assert normalise("") == "" and normalise("?!") == ""
+    assert normalise("squares") != "square"  # exact match: no stemming
+
+
+# ---- the demo's model ------------------------------------------------------------------------------------------
+def test_demo_recipe_builds_the_wider_model_with_the_larger_llm_initialisation():
+    """The demo learns because its LLM starts with std 0.06 weights (the tiny model's 0.02 leaves attention uniform
+    and training on a plateau): transformers must honour text_config.initializer_range when it builds the model."""
+    from llava_manager.train.model_setup import load_for_training
+    from llava_manager.train.recipe import load_recipe
+
+    recipe = load_recipe("demo")
+    assert recipe.model_config_path().name == "demo.json"
+    model, processor = load_for_training(recipe)
+    config = model.config
+    assert (config.vision_config.hidden_size, config.text_config.hidden_size) == (64, 128)
+    stds = {}
+    for name, parameter in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "gate_proj.weight")) and "language_model" in name:
+            stds[name] = parameter.detach().std().item()
+    assert len(stds) == 3 * config.text_config.num_hidden_layers
+    for name, std in stds.items():
+        assert abs(std - config.text_config.initializer_range) < 0.006, (name, std)
+    assert config.text_config.initializer_range == pytest.approx(0.06)
+    tiny = load_for_training(load_recipe("tiny_cpu"))[0]
+    tiny_q = tiny.model.language_model.layers[0].self_attn.q_proj.weight.std().item()
+    assert tiny_q < 0.03  # the tiny model keeps transformers' default 0.02
 
 
 # ---- the pipeline, small -------------------------------------------------------------------------------------
@@ -116,6 +148,12 @@ def test_demo_trained_through_the_recipe_and_reports_honest_scores(small_demo):
         assert run["heldout_total"] == 2 * len(QUESTIONS)
         recorded = summary["answers"][name]
         assert run["heldout_correct"] == sum(a["correct"] for a in recorded)
+        # every verdict recomputed from the model's own answer, and the per-kind accuracy from the verdicts
+        for answer in recorded:
+            assert answer["correct"] == (normalise(answer["answer"]) == answer["expected"])
+        for kind in QUESTIONS:
+            verdicts = [a["correct"] for a in recorded if a["type"] == kind]
+            assert run["heldout_accuracy_by_type"][kind] == pytest.approx(sum(verdicts) / len(verdicts))
     recipe = (result.output_dir / "manager" / "recipe.yaml").read_text()
     assert "deepspeed: zero2" in recipe and "max_steps: 3" in recipe
     config = json.loads((result.output_dir / "manager" / "config.json").read_text())

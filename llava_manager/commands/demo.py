@@ -1,23 +1,23 @@
-"""`llava-manager demo`: train a tiny LLaVA-OV with Managers on synthetic shapes, on CPU (what `make demo` runs)."""
+"""`llava-manager demo`: train a small LLaVA-OV with Managers on synthetic shapes, on CPU (what `make demo` runs)."""
 
 from __future__ import annotations
 
 import argparse
 
 DESCRIPTION = """\
-Run the whole pipeline on a tiny random LLaVA-OV in a few minutes on CPU, downloading nothing:
+Run the whole pipeline on a small random LLaVA-OV in about two minutes on CPU, downloading nothing:
 
   1. draw a synthetic dataset (coloured shapes on the left or right; questions about colour,
      shape and position) with a held-out split;
-  2. build the tiny model from configs/models/tiny.json, patch it with Managers and train it
-     through the real entry point (`llava-manager train tiny_cpu`, HF Trainer + DeepSpeed ZeRO-2);
+  2. build the model from configs/models/demo.json, patch it with Managers and train it
+     through the real entry point (`llava-manager train demo`, HF Trainer + DeepSpeed ZeRO-2);
   3. save it, reload it with llava_manager.from_pretrained, answer a held-out question and score
      all held-out questions (the accuracy is reported as it is, with the chance level);
   4. draw the learned Manager weights (PNG).
 
 --compare also trains the unpatched model on the same data, steps and seed and draws both loss
 curves in one PNG (the paper's baseline-vs-Manager comparison, in miniature: a single seed of a
-toy, so expect noise, not the paper's gains). The output ends with where everything was written.
+toy: both models learn this task, so it shows the pipeline, not the paper's gains). The output ends with where everything was written.
 """
 
 
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "demo",
-        help="train a tiny LLaVA-OV with Managers on synthetic shapes, on CPU (what `make demo` runs)",
+        help="train a small LLaVA-OV with Managers on synthetic shapes, on CPU (what `make demo` runs)",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

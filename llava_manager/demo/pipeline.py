@@ -1,8 +1,8 @@
-"""The demo, end to end on a tiny random LLaVA-OV, on CPU, with nothing downloaded.
+"""The demo, end to end on a small random LLaVA-OV, on CPU, with nothing downloaded.
 
 1. draw a synthetic shapes dataset (train + held-out images; `shapes.py`);
-2. train with the real entry point (`llava_manager.train.main.train`) on the shipped `tiny_cpu` recipe:
-   the tiny model is built from `configs/models/tiny.json` with random weights, patched with Managers,
+2. train with the real entry point (`llava_manager.train.main.train`) on the shipped `demo` recipe:
+   a small model is built from `configs/models/demo.json` with random weights, patched with Managers,
    trained with the HF Trainer and DeepSpeed ZeRO-2, and saved in HF format. Each training run is a
    process of its own (`worker.py`), its output in `<run>/train.log`; the demo prints its own progress;
 3. reload the saved model with `llava_manager.from_pretrained`, answer one held-out question, and score
@@ -31,8 +31,9 @@ from pathlib import Path
 from ..errors import DemoError, ManagerError  # noqa: F401  (DemoError: re-exported)
 from .shapes import COLORS, POSITIONS, QUESTIONS, SHAPES, DemoData, write_demo_dataset
 
-DEFAULT_STEPS = 600
-DEFAULT_TRAIN_IMAGES = 240
+RECIPE = "demo"  # configs/recipes/demo.yaml: model, Managers, learning rates, batch size
+DEFAULT_STEPS = 400
+DEFAULT_TRAIN_IMAGES = 480
 DEFAULT_HELDOUT_IMAGES = 48
 SUMMARY = "demo_summary.json"
 MARKER = ".llava_manager_demo"
@@ -139,7 +140,7 @@ def _one_thread():
 def demo_overrides(
     data: DemoData, run_dir: Path, steps: int, seed: int, managers: bool, extra: dict | None = None
 ) -> dict:
-    """Overrides of the shipped `tiny_cpu` recipe: the demo's data, steps, seed and output folder (and `extra`)."""
+    """Overrides of the shipped `demo` recipe: the demo's data, steps, seed and output folder (and `extra`)."""
     overrides = {
         "data_path": str(data.train_json),
         "image_folder": str(data.image_folder),
@@ -156,9 +157,10 @@ def demo_overrides(
     return overrides
 
 
-def _worker_environment() -> dict[str, str]:
+def _worker_environment(threads: int | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES and not k.startswith("ACCELERATE_")}
-    env.setdefault("OMP_NUM_THREADS", "1")  # see _one_thread; also keeps accelerate from raising it
+    # the recipe's cpu_threads, at most one per core; also keeps accelerate from changing it
+    env.setdefault("OMP_NUM_THREADS", str(max(1, min(threads or 1, os.cpu_count() or 1))))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")  # the demo never downloads anything
     source_root = str(Path(__file__).resolve().parents[2])  # this llava_manager, installed or not
@@ -175,13 +177,13 @@ def train_run(name: str, overrides: dict, say: Callable[[str], None]) -> RunResu
     """Train one model through `llava_manager.train` in a process of its own, showing its progress."""
     from ..train.recipe import load_recipe
 
-    recipe = load_recipe("tiny_cpu", overrides)  # bad overrides fail here, before a process starts
+    recipe = load_recipe(RECIPE, overrides)  # bad overrides fail here, before a process starts
     run_dir = Path(recipe.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file, progress_file = run_dir / "train.log", run_dir / "progress.jsonl"
     progress_file.unlink(missing_ok=True)
     every = max(1, recipe.max_steps // 6)
-    command = [sys.executable, "-m", "llava_manager.demo.worker", json.dumps(overrides), str(progress_file)]
+    command = [sys.executable, "-m", "llava_manager.demo.worker", RECIPE, json.dumps(overrides), str(progress_file)]
     start = time.perf_counter()
     losses: list[tuple[int, float]] = []
 
@@ -201,7 +203,11 @@ def train_run(name: str, overrides: dict, say: Callable[[str], None]) -> RunResu
 
     with open(log_file, "wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=_worker_environment(), start_new_session=True
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_worker_environment(recipe.cpu_threads),
+            start_new_session=True,
         )
         try:
             while process.poll() is None:
@@ -291,10 +297,10 @@ def run_demo(
     Args:
         output_dir (`str` or `Path`, *optional*, defaults to `"outputs/demo"`): created; a previous demo's
             output there is replaced.
-        steps (`int`, *optional*, defaults to 600): optimizer steps per trained model (batch 4, tiny_cpu recipe).
+        steps (`int`, *optional*, defaults to 400): optimizer steps per trained model (batch 8, `demo` recipe).
         compare (`bool`, *optional*, defaults to `False`): also train the unpatched model and plot both losses.
         train_images (`int`), heldout_images (`int`), seed (`int`): the synthetic data.
-        recipe_overrides (`dict`, *optional*): more `tiny_cpu` recipe overrides (`{"learning_rates.manager": 0.02}`),
+        recipe_overrides (`dict`, *optional*): more `demo` recipe overrides (`{"learning_rates.manager": 0.02}`),
             applied to both runs.
     """
     if steps < 1:
@@ -365,12 +371,12 @@ def _train_and_score_managers(output_dir, data, steps, seed, recipe_overrides, s
 
     say = stages.say
     overrides = demo_overrides(data, output_dir / "manager", steps, seed, managers=True, extra=recipe_overrides)
-    recipe = load_recipe("tiny_cpu", overrides)
+    recipe = load_recipe(RECIPE, overrides)
     manager = dict(recipe.manager or {})
     stages.next(
-        f"training: tiny random LLaVA-OV from configs/models/tiny.json, patched with "
+        f"training: a small random LLaVA-OV from configs/models/{recipe.model_config}.json, patched with "
         f"{manager.get('manager_type', 'static')} Managers (injection={manager.get('injection', 'llm')}, "
-        f"LLM layers {manager.get('llm_layers', 'default')}); recipe tiny_cpu, DeepSpeed {recipe.deepspeed}, "
+        f"LLM layers {manager.get('llm_layers', 'default')}); recipe {RECIPE}, DeepSpeed {recipe.deepspeed}, "
         f"{steps} steps of {recipe.per_device_train_batch_size}"
     )
     run = train_run("Manager", overrides, say)

@@ -1,6 +1,7 @@
-"""One training run of the demo, in its own process: `python -m llava_manager.demo.worker OVERRIDES_JSON PROGRESS_FILE`.
+"""One training run of the demo, in its own process:
+`python -m llava_manager.demo.worker RECIPE OVERRIDES_JSON PROGRESS_FILE`.
 
-It loads the shipped `tiny_cpu` recipe with the overrides (a JSON object of recipe keys) and calls the training
+It loads the recipe (the demo uses the shipped `demo` one) with the overrides (a JSON object of recipe keys) and calls the training
 entry point, `llava_manager.train.main.train`. After every logged step it appends `{"step", "loss"}` as a JSON
 line to PROGRESS_FILE, which the demo reads to show progress. A process of its own keeps what training changes
 (the torch.distributed group, DeepSpeed's state, environment variables, thread counts) out of the caller.
@@ -16,10 +17,10 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m llava_manager.demo.worker OVERRIDES_JSON PROGRESS_FILE", file=sys.stderr)
+    if len(argv) != 3:
+        print("usage: python -m llava_manager.demo.worker RECIPE OVERRIDES_JSON PROGRESS_FILE", file=sys.stderr)
         return 2
-    overrides, progress_file = json.loads(argv[0]), Path(argv[1])
+    recipe, overrides, progress_file = argv[0], json.loads(argv[1]), Path(argv[2])
 
     from transformers import TrainerCallback
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                     handle.write(json.dumps({"step": state.global_step, "loss": float(logs["loss"])}) + "\n")
 
     try:
-        result = train(load_recipe("tiny_cpu", overrides), callbacks=[ReportProgress()])
+        result = train(load_recipe(recipe, overrides), callbacks=[ReportProgress()])
     except ManagerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -29,7 +29,15 @@ from ..errors import ManagerError
 from .arguments import training_arguments
 from .environment import prepare_environment
 from .model_setup import apply_lora, check_processor, configure_images, load_for_training, patch_model
-from .recipe import Recipe, RecipeError, load_recipe, parse_overrides, resolve_accumulation, world_size_from_env
+from .recipe import (
+    Recipe,
+    RecipeError,
+    load_recipe,
+    parse_overrides,
+    resolve_accumulation,
+    shipped_names,
+    world_size_from_env,
+)
 from .resume import choose_checkpoint
 from .saving import gather_dropped, remove_what_a_failed_run_created, save_lora_result
 
@@ -37,7 +45,7 @@ logger = logging.getLogger("llava_manager.train")
 
 USAGE = """usage: python -m llava_manager.train [RECIPE] [--key value ...] [--print-recipe]
 
-RECIPE is a YAML file or a shipped recipe name (stage1, stage1_5, stage2_si, tiny_cpu; default tiny_cpu).
+RECIPE is a YAML file or a shipped recipe name ({names}; default tiny_cpu).
 Every recipe key can be overridden: --max_steps 10, --learning_rates.manager 5e-5, --manager.grid base,
 --deepspeed zero3, --train_parts manager,projector. Values are read as YAML.
 
@@ -203,7 +211,7 @@ def split_argv(argv: list[str]) -> tuple[str, list[str], bool]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+        print(USAGE.format(names=", ".join(shipped_names("recipes"))))
         print("recipe keys:")
         for f in dataclasses.fields(Recipe):
             if not f.metadata.get("internal"):

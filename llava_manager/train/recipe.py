@@ -46,6 +46,11 @@ def _shipped_roots() -> list[Path]:
     return [Path(__file__).resolve().parents[1] / "resources" / "configs"]
 
 
+def shipped_names(kind: str) -> list[str]:
+    """The names of the shipped configs of `kind` ("recipes", "models", "deepspeed"), without suffix."""
+    return sorted({path.stem for root in _shipped_roots() for path in (root / kind).glob("*.*") if path.is_file()})
+
+
 def find_config(value: str, kind: str, suffixes: tuple[str, ...], base_dir: Path | None = None) -> Path | None:
     """Resolve `value` as a path (cwd, then `base_dir`) or as the name of a shipped config of `kind`."""
     candidates = [Path(value)]
@@ -497,7 +502,7 @@ def read_recipe_file(path_or_name: str) -> tuple[dict[str, Any], Path]:
     found = find_config(path_or_name, "recipes", (".yaml", ".yml"))
     if found is None:
         raise RecipeError(
-            f"recipe {path_or_name!r}: no such file and not a shipped recipe (stage1, stage1_5, stage2_si, tiny_cpu)"
+            f"recipe {path_or_name!r}: no such file and not a shipped recipe ({', '.join(shipped_names('recipes'))})"
         )
     try:
         data = yaml.safe_load(found.read_text()) or {}
