@@ -16,8 +16,9 @@ Run the whole pipeline on a small random LLaVA-OV in about two minutes on CPU, d
   4. draw the learned Manager weights (PNG).
 
 --compare also trains the unpatched model on the same data, steps and seed and draws both loss
-curves in one PNG (the paper's baseline-vs-Manager comparison, in miniature: a single seed of a
-toy: both models learn this task, so it shows the pipeline, not the paper's gains). The output ends with where everything was written.
+curves in one PNG (the paper's baseline-vs-Manager comparison, in miniature: both models learn
+this toy task, so it shows the pipeline, not the paper's gains). The output ends with the total
+time and where everything was written.
 """
 
 

@@ -10,9 +10,8 @@ def register(subparsers) -> None:
         "train",
         help="train LLaVA-OV-Manager with a recipe (HF Trainer + DeepSpeed)",
         usage="llava-manager train [RECIPE] [--key value ...] [--print-recipe]",
-        description="Train with a recipe (YAML file or shipped name: stage1, stage1_5, stage2_si, tiny_cpu, demo; "
-        "default tiny_cpu). Any recipe key can be overridden as --key value. "
-        "`python -m llava_manager.train --help` lists the keys.",
+        description="Train with a recipe (a YAML file or a shipped name; default tiny_cpu). Any recipe key can be "
+        "overridden as --key value. `llava-manager train --help` lists the shipped recipes and the keys.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
