@@ -24,10 +24,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-$(FLOOR_VENV)/.installed: setup.cfg pyproject.toml
+# The floor venv reuses ./.venv's packages instead of a second copy (torch's CUDA build is ~5 GB, and CI machines
+# can run out of disk): a .pth line puts ./.venv's site-packages after its own, and pip installs into it only what
+# differs (transformers at the floor and what that version pins; pip leaves ./.venv's copies alone, "outside
+# environment"). Imports and importlib.metadata find the floor venv's own copies first.
+$(FLOOR_VENV)/.installed: $(VENV)/.installed setup.cfg pyproject.toml
 	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(FLOOR_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_shared_main_venv.pth"
 	$(FLOOR_PY) -m pip install -q -U pip
-	$(FLOOR_PY) -m pip install -q $(TORCH_PINS)
 	$(FLOOR_PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH_PINS) "$(FLOOR_TRANSFORMERS)"
 	touch $@
 
@@ -37,15 +42,19 @@ venv-floor: $(FLOOR_VENV)/.installed
 BARE_VENV ?= .venv-bare
 BARE_PY := $(BARE_VENV)/bin/python
 
+# torch here is the CPU build of 2.13 (the wheel these machines carry, ~0.7 GB instead of the pinned CUDA build's
+# ~5.5 GB): the core needs no torchvision, and setup.cfg admits any torch >= 2.4, so it also checks an older torch.
+BARE_TORCH ?= torch==2.13.0
+
 $(BARE_VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BARE_PY) || $(PYTHON) -m venv $(BARE_VENV)
 	$(BARE_PY) -m pip install -q -U pip
-	$(BARE_PY) -m pip install -q $(TORCH_PIN)
+	$(BARE_PY) -m pip install -q $(BARE_TORCH)
 	touch $@
 
 # reinstalled each run (not editable): what a user's `pip install .` gets, package data included
 test-bare: $(BARE_VENV)/.installed
-	$(BARE_PY) -m pip install -q . $(TORCH_PIN)
+	$(BARE_PY) -m pip install -q . $(BARE_TORCH)
 	$(BARE_PY) -m pip install -q --force-reinstall --no-deps .
 	$(BARE_PY) tests/bare_install.py
 

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from .errors import ManagerConfigError, ManagerError  # noqa: F401  (re-exported: their old home)
 
-MANAGER_TYPES = ("static", "adaptive", "adaptive_last", "adaptive_average", "adaptive_cross")
+MANAGER_TYPES = ("static", "adaptive", "adaptive_last", "adaptive_average", "adaptive_cross", "bridge", "tower")
+ADAPTIVE_TYPES = ("adaptive", "adaptive_last", "adaptive_average", "adaptive_cross")
 INJECTIONS = ("llm", "projector")
 GRIDS = ("all", "base", "grid")
 LAYOUT_MODES = ("anyres", "square")
@@ -35,7 +36,12 @@ class ManagerConfig:
             `"static"`: the released `static_zerouni` Manager, one zero-initialised weight per selected vision
             layer and channel. `"adaptive"`, `"adaptive_last"`, `"adaptive_average"`, `"adaptive_cross"`: per-token
             scores from the LLM hidden state (optionally with the instruction as a query), gated by a
-            zero-initialised `zero_gate`. The Manager at LLM layer 0 is always static.
+            zero-initialised `zero_gate`; the Manager at LLM layer 0 is static with these types. `"bridge"`
+            (BridgeTower-style): each Manager reads one SigLIP layer (`bridge_layers`), scaled per channel by a
+            zero-initialised weight. `"tower"` (ManagerTower's SAUM): a LayerNorm per layer, softmax weights with a
+            learnable temperature, and a zero-initialised per-channel gate. Bridge and tower Managers read the same
+            layers at every injection point, layer 0 included (the "all but the last layer at layer 0" rule belongs
+            to the released static Manager). See `managers.py` for the formulas.
         vision_layers (`list[int]`, *optional*):
             Indices into the SigLIP `hidden_states` tuple (0 = embeddings, i = output of layer i, before
             `post_layernorm`). Defaults to the paper's "top half" rule: `range(L // 2, L)` for a tower of `L`
@@ -58,6 +64,11 @@ class ManagerConfig:
         query_token_id (`int`, *optional*):
             Token id of `<|im_start|>`, used by the adaptive Managers to find the instruction tokens (151644 for
             Qwen2 tokenizers). Required for the adaptive types.
+        bridge_layers (`list[int]`, *optional*):
+            `manager_type="bridge"` only: the SigLIP `hidden_states` index each Manager reads, one per entry of
+            `llm_layers` in order (one for `injection="projector"`); each must be one of `vision_layers`. Defaults to
+            the top `len(llm_layers)` selected layers, bottom to top (BridgeTower's one-to-one mapping: with the
+            defaults, layers 20..25 into LLM layers 0, 4, ..., 20).
 
     Example:
 
@@ -81,6 +92,9 @@ class ManagerConfig:
     jitter: float = field(default=0.01, metadata={"help": "training-time multiplicative noise half-width"})
     layer_embedding: bool = field(default=True, metadata={"help": "learned embedding per vision layer"})
     query_token_id: int | None = field(default=None, metadata={"help": "<|im_start|> id (adaptive types)"})
+    bridge_layers: list[int] | None = field(
+        default=None, metadata={"help": "bridge only: SigLIP layer per Manager (default: top len(llm_layers))"}
+    )
 
     def __post_init__(self):
         if self.manager_type not in MANAGER_TYPES:
@@ -95,7 +109,7 @@ class ManagerConfig:
         self.jitter = float(self.jitter)
         if not isinstance(self.layer_embedding, bool):
             raise _bad("layer_embedding", self.layer_embedding, "use True or False")
-        for name in ("vision_layers", "llm_layers"):
+        for name in ("vision_layers", "llm_layers", "bridge_layers"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -104,7 +118,7 @@ class ManagerConfig:
             value = list(value)
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise _bad(name, value, "use a list of integer layer indices")
-            if len(set(value)) != len(value):
+            if name != "bridge_layers" and len(set(value)) != len(value):  # two Managers may bridge one layer
                 raise _bad(name, value, "indices must be unique")
             setattr(self, name, value)
         if self.query_token_id is not None and (
@@ -113,6 +127,12 @@ class ManagerConfig:
             or self.query_token_id < 0
         ):
             raise _bad("query_token_id", self.query_token_id, "use a non-negative token id")
+        if self.bridge_layers is not None and self.manager_type != "bridge":
+            raise _bad(
+                "bridge_layers",
+                self.bridge_layers,
+                f"only manager_type='bridge' reads it (this config has {self.manager_type!r}); leave it None",
+            )
         if self.injection == "projector" and self.is_adaptive:
             raise _bad(
                 "manager_type",
@@ -123,7 +143,8 @@ class ManagerConfig:
 
     @property
     def is_adaptive(self) -> bool:
-        return self.manager_type != "static"
+        """Whether the Managers read the LLM hidden state (and the instruction): the `adaptive*` types."""
+        return self.manager_type in ADAPTIVE_TYPES
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +189,7 @@ class ManagerConfig:
                     f"this model's LLM has {n_llm} decoder layers, so indices must lie in 0..{n_llm - 1} "
                     "and the list must not be empty",
                 )
+            given_order = llm_layers
             llm_layers = sorted(llm_layers)
             if 0 in llm_layers and len(vision_layers) < 2:
                 raise _bad(
@@ -179,7 +201,7 @@ class ManagerConfig:
         else:
             if self.llm_layers:
                 raise _bad("llm_layers", self.llm_layers, "injection='projector' has no LLM layers; leave it None")
-            llm_layers = []
+            llm_layers = given_order = []
 
         vfl = model_config.vision_feature_layer
         if not isinstance(vfl, int):
@@ -187,6 +209,7 @@ class ManagerConfig:
                 f"this model's vision_feature_layer={vfl!r} concatenates several layers; Managers need a model with "
                 "a single vision_feature_layer (LLaVA-OV uses -1)."
             )
+        bridge_layers = self._resolve_bridge_layers(vision_layers, given_order, n_vision)
         if self.is_adaptive:
             vocab = model_config.text_config.vocab_size
             if self.query_token_id is None or not self.query_token_id < vocab:
@@ -198,7 +221,48 @@ class ManagerConfig:
                 )
         if layout is not None and layout.mode == "square" and self.grid == "grid":
             raise _bad("grid", self.grid, "square images have no grid crops, so grid='grid' would touch no token")
-        return dataclasses.replace(self, vision_layers=vision_layers, llm_layers=llm_layers)
+        return dataclasses.replace(
+            self, vision_layers=vision_layers, llm_layers=llm_layers, bridge_layers=bridge_layers
+        )
+
+    def _resolve_bridge_layers(self, vision_layers: list[int], given_order: list[int], n_vision: int):
+        """`bridge_layers` in the order of the sorted `llm_layers`, with negative indices resolved and the default
+        filled in (None for other types). `given_order`: `llm_layers` as given, which `bridge_layers` pairs with."""
+        llm_layers = sorted(given_order)
+        if self.manager_type != "bridge":
+            return None
+        managers = len(llm_layers) if self.injection == "llm" else 1
+        if self.bridge_layers is None:
+            if managers > len(vision_layers):
+                raise _bad(
+                    "bridge_layers",
+                    None,
+                    f"the default bridges the top {managers} selected vision layers into the {managers} Managers, "
+                    f"but only {len(vision_layers)} are selected ({vision_layers}); select more vision_layers, "
+                    "fewer llm_layers, or give bridge_layers (one selected layer per Manager, repeats allowed)",
+                )
+            return sorted(vision_layers)[len(vision_layers) - managers :]
+        bridge_layers = [v + n_vision + 1 if v < 0 else v for v in self.bridge_layers]
+        if len(bridge_layers) != managers:
+            raise _bad(
+                "bridge_layers",
+                self.bridge_layers,
+                f"give one vision layer per Manager: {managers} (one per entry of llm_layers {llm_layers})"
+                if self.injection == "llm"
+                else "injection='projector' has one Manager, so give one vision layer",
+            )
+        missing = [v for v in bridge_layers if v not in vision_layers]
+        if missing:
+            raise _bad(
+                "bridge_layers",
+                self.bridge_layers,
+                f"layers {missing} are not among the selected vision_layers {vision_layers}; add them there",
+            )
+        return (
+            [layer for _, layer in sorted(zip(given_order, bridge_layers))]
+            if self.injection == "llm"
+            else bridge_layers
+        )
 
 
 def default_vision_layers(n_vision_layers: int) -> list[int]:

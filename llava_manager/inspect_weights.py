@@ -7,7 +7,10 @@ means identity (an untrained Manager). The Manager at LLM layer 0 has no weight 
 vision layer (as released); that cell is empty.
 
 For adaptive Managers the per-token scores come from the LLM state at run time; the heatmap shows their
-learned gate |zero_gate|, the part that does not depend on the input.
+learned gate |zero_gate|, the part that does not depend on the input. A bridge Manager reads one vision layer:
+its row holds mean |layer_scale| in that layer's column. A tower Manager's row holds its softmax layer weights
+(mean over channels, summing to 1), with its temperature beside it; its output is scaled by a per-channel gate.
+For these two the heatmap adds a second panel: the per-channel scale (bridge) or gate (tower) of each Manager.
 
     from llava_manager.inspect_weights import manager_weights, format_table, plot_manager_weights
     weights = manager_weights(model)
@@ -27,7 +30,7 @@ import torch
 from ._moved import forward_moved_names
 from .attach import llava_model_of, unwrap
 from .errors import ManagerError
-from .managers import AdaptiveManager, ManagerStack, StaticManager
+from .managers import AdaptiveManager, BridgeManager, ManagerStack, StaticManager, TowerManager
 
 
 @dataclass
@@ -38,8 +41,12 @@ class ManagerWeights:
         values (`list[list[float]]`): (rows, vision layers).
         rows (`list[str]`): one label per Manager ("LLM 0", "LLM 4", ... or "projector").
         vision_layers (`list[int]`): the SigLIP `hidden_states` index of each column.
-        kinds (`list[str]`): per row, `"static"` (layer_scores) or `"adaptive"` (zero_gate).
+        kinds (`list[str]`): per row, `"static"` (layer_scores), `"adaptive"` (zero_gate), `"bridge"` (mean
+            |layer_scale| in the bridged layer's column) or `"tower"` (the softmax layer weights, mean over channels).
         manager_type (`str`), injection (`str`): from the model's Manager config.
+        channel_values (`list[list[float]]`, *optional*): bridge and tower types: per row, the signed per-channel
+            scale (bridge) or gate (tower), `(rows, D)`.
+        temperatures (`list[float]`, *optional*): tower type: each Manager's softmax temperature.
     """
 
     values: list[list[float]]
@@ -48,6 +55,8 @@ class ManagerWeights:
     kinds: list[str] = field(default_factory=list)
     manager_type: str = "static"
     injection: str = "llm"
+    channel_values: list[list[float]] | None = None
+    temperatures: list[float] | None = None
 
     @property
     def max(self) -> float:
@@ -56,7 +65,10 @@ class ManagerWeights:
 
     @property
     def is_identity(self) -> bool:
-        """True when every Manager weight is zero (untrained: the model computes what the unpatched one does)."""
+        """True when every Manager's output is zero (untrained: the model computes what the unpatched one does):
+        all weights zero, or for tower Managers all gates zero."""
+        if self.manager_type == "tower":
+            return all(v == 0.0 for row in self.channel_values or [] for v in row)
         return self.max == 0.0
 
 
@@ -81,19 +93,44 @@ def manager_weights(model_or_stack) -> ManagerWeights:
         labels = ["projector"]
     else:
         labels = [f"LLM {k}" for k in config.llm_layers]
-    values, kinds = [], []
+    values, kinds, channels, temperatures = [], [], [], []
     for manager in stack.managers:
         if isinstance(manager, StaticManager):
-            weight, kind = manager.layer_scores, "static"
+            row, kind = _mean_abs(manager.layer_scores), "static"
         elif isinstance(manager, AdaptiveManager):
-            weight, kind = manager.zero_gate, "adaptive"
-        else:  # pragma: no cover - ManagerStack builds only these two
+            row, kind = _mean_abs(manager.zero_gate), "adaptive"
+        elif isinstance(manager, BridgeManager):
+            scale = _full(manager.layer_scale).detach().float()  # (D,)
+            row = [math.nan] * n_layers
+            row[manager.layer] = scale.abs().mean().item()
+            kind = "bridge"
+            channels.append(scale.cpu().tolist())
+        elif isinstance(manager, TowerManager):
+            with torch.no_grad():  # the weights without training noise, as in eval
+                scores, temperature = _full(manager.layer_scores).float(), _full(manager.temperature).float()
+                row = torch.softmax(scores / temperature, dim=0).mean(-1).cpu().tolist()  # (N,), sums to 1
+            kind = "tower"
+            channels.append(_full(manager.gate).detach().float().cpu().tolist())
+            temperatures.append(temperature.item())
+        else:  # pragma: no cover - ManagerStack builds only these
             raise ManagerError(f"unknown Manager module {type(manager).__name__}")
-        weight = _full(weight)
-        row = weight.detach().float().abs().mean(dim=-1).cpu().tolist()  # (N_i,)
         values.append(row + [math.nan] * (n_layers - len(row)))
         kinds.append(kind)
-    return ManagerWeights(values, labels, list(config.vision_layers), kinds, config.manager_type, config.injection)
+    return ManagerWeights(
+        values,
+        labels,
+        list(config.vision_layers),
+        kinds,
+        config.manager_type,
+        config.injection,
+        channel_values=channels or None,
+        temperatures=temperatures or None,
+    )
+
+
+def _mean_abs(weight: torch.Tensor) -> list[float]:
+    """(N_i, D) weight -> mean |w| over channels, (N_i,)."""
+    return _full(weight).detach().float().abs().mean(dim=-1).cpu().tolist()
 
 
 def _full(weight: torch.Tensor) -> torch.Tensor:
@@ -107,17 +144,29 @@ def _full(weight: torch.Tensor) -> torch.Tensor:
 
 
 # ---- terminal table --------------------------------------------------------------------------------------
+_ROW_SUFFIX = {"adaptive": " (gate)", "bridge": " (bridge)"}
+_NOTES = {
+    "bridge": "mean |layer_scale| over channels, in the one layer each Manager bridges",
+    "tower": "softmax layer weights, mean over channels (each row sums to 1); output = gate * weighted sum",
+}
+
+
 def format_table(weights: ManagerWeights, precision: int = 4) -> str:
-    """A plain-text table: one row per Manager, one column per vision layer, plus the row's strongest layer."""
-    header = ["manager"] + [f"v{v}" for v in weights.vision_layers] + ["top"]
+    """A plain-text table: one row per Manager, one column per vision layer, plus the row's strongest layer (and for
+    tower Managers the temperature and mean |gate|)."""
+    tower = weights.temperatures is not None
+    header = ["manager"] + [f"v{v}" for v in weights.vision_layers] + ["top"] + (["tau", "|gate|"] if tower else [])
     lines = []
-    for label, kind, row in zip(weights.rows, weights.kinds, weights.values):
+    for index, (label, kind, row) in enumerate(zip(weights.rows, weights.kinds, weights.values)):
         cells = ["-" if math.isnan(v) else f"{v:.{precision}f}" for v in row]
         finite = [(v, i) for i, v in enumerate(row) if not math.isnan(v)]
         best = max(finite)[1] if finite and max(finite)[0] > 0 else None
         top = f"v{weights.vision_layers[best]}" if best is not None else "-"
-        suffix = " (gate)" if kind == "adaptive" else ""
-        lines.append([label + suffix] + cells + [top])
+        extra = []
+        if tower:
+            gate = weights.channel_values[index]
+            extra = [f"{weights.temperatures[index]:.3f}", f"{sum(abs(v) for v in gate) / len(gate):.{precision}f}"]
+        lines.append([label + _ROW_SUFFIX.get(kind, "")] + cells + [top] + extra)
     widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
 
     def render(cells: list[str]) -> str:
@@ -125,8 +174,8 @@ def format_table(weights: ManagerWeights, precision: int = 4) -> str:
 
     out = [render(header), render(["-" * w for w in widths])] + [render(r) for r in lines]
     note = (
-        f"mean |w| over channels; {weights.manager_type} Managers, injection={weights.injection!r}; "
-        f"columns = SigLIP hidden_states index"
+        f"{_NOTES.get(weights.manager_type, 'mean |w| over channels')}; {weights.manager_type} Managers, "
+        f"injection={weights.injection!r}; columns = SigLIP hidden_states index"
     )
     if weights.is_identity:
         note += "; all zero: the Managers are untrained (identity)"
@@ -160,7 +209,8 @@ def save_png(figure, path: str | Path) -> Path:
 
 
 def plot_manager_weights(weights: ManagerWeights, path: str | Path, title: str | None = None) -> Path:
-    """Write a heatmap (rows: Managers / injection layers, columns: vision layers) of mean |w| to `path` (PNG)."""
+    """Write a heatmap (rows: Managers / injection layers, columns: vision layers) of the Manager weights to `path`
+    (PNG). Bridge and tower Managers get a second panel below: each Manager's per-channel scale or gate."""
     plt = pyplot()
     import numpy as np
 
@@ -169,12 +219,16 @@ def plot_manager_weights(weights: ManagerWeights, path: str | Path, title: str |
     n_rows, n_cols = data.shape
     width = max(4.8, 2.4 + 0.55 * n_cols)
     height = max(2.8, 1.6 + 0.42 * n_rows)
-    figure, axes = plt.subplots(figsize=(width, height), dpi=120)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: no weight (the LLM-0 Manager's last layer)
+    if weights.channel_values is None:
+        figure, axes = plt.subplots(figsize=(width, height), dpi=120)
+    else:
+        width = max(width, 6.4)
+        figure, (axes, channel_axes) = plt.subplots(2, 1, figsize=(width, 2 * height), dpi=120)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: no weight (LLM-0 last layer, not bridged)
     vmax = weights.max if weights.max > 0 else 1.0
     image = axes.imshow(masked, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
     axes.set_xticks(range(n_cols), [str(v) for v in weights.vision_layers])
-    row_labels = [r + (" (gate)" if k == "adaptive" else "") for r, k in zip(weights.rows, weights.kinds)]
+    row_labels = _row_labels(weights)
     axes.set_yticks(range(n_rows), row_labels)
     axes.set_xlabel("vision layer (SigLIP hidden_states index)")
     axes.set_ylabel("injection" if weights.injection == "projector" else "Manager at LLM layer")
@@ -193,10 +247,33 @@ def plot_manager_weights(weights: ManagerWeights, path: str | Path, title: str |
                         color="black" if bright else "white",
                     )
     colorbar = figure.colorbar(image, ax=axes)
-    colorbar.set_label("mean |w| over channels")
+    colorbar.set_label("softmax weight (mean over channels)" if weights.temperatures else "mean |w| over channels")
     default_title = f"Manager weights ({weights.manager_type}, injection={weights.injection})"
     axes.set_title(textwrap.fill(title or default_title, 60), fontsize=9)
+    if weights.channel_values is not None:
+        _plot_channels(channel_axes, figure, weights, row_labels)
     return save_png(figure, path)
+
+
+def _row_labels(weights: ManagerWeights) -> list[str]:
+    labels = [r + _ROW_SUFFIX.get(k, "") for r, k in zip(weights.rows, weights.kinds)]
+    if weights.temperatures is not None:
+        labels = [f"{label} (tau {t:.2f})" for label, t in zip(labels, weights.temperatures)]
+    return labels
+
+
+def _plot_channels(axes, figure, weights: ManagerWeights, row_labels: list[str]) -> None:
+    """Signed per-channel values (bridge: layer_scale; tower: gate), rows: Managers, columns: channels."""
+    import numpy as np
+
+    channels = np.array(weights.channel_values, dtype=float)  # (rows, D)
+    limit = float(np.abs(channels).max()) or 1.0
+    image = axes.imshow(channels, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    axes.set_yticks(range(channels.shape[0]), row_labels)
+    axes.set_xlabel("channel")
+    what = "gate" if weights.temperatures is not None else "scale"
+    axes.set_title(f"per-channel {what} of each Manager", fontsize=9)
+    figure.colorbar(image, ax=axes).set_label(what)
 
 
 # ---- from a checkpoint ------------------------------------------------------------------------------------

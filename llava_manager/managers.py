@@ -97,20 +97,28 @@ def weighted_layer_sum(features: torch.Tensor, weights: torch.Tensor) -> torch.T
     return _blockwise_layer_sum(features, weights)
 
 
-def init_manager_weights(module: nn.Module, zeros_=nn.init.zeros_, normal_=nn.init.normal_) -> bool:
+def init_manager_weights(module: nn.Module, init=nn.init) -> bool:
     """Give `module`'s own parameters their initial values if it is one of the Manager modules; True if it was.
 
-    The one place that knows the initial values (zero Manager weights: identity at init; the layer embedding drawn
-    from N(0, 1/D)). The modules call it from `__init__` with torch's init functions; the registered model classes call
-    it from `_init_weights` with `transformers.initialization`'s, which skip tensors already loaded. Child modules
-    (`nn.Linear` in the adaptive Managers) are not touched: they keep their framework's initialisation.
+    The one place that knows the initial values (zero Manager weights and gates: identity at init; the tower's
+    scores 1/N and temperature 1; the layer embedding drawn from N(0, 1/D)). `init`: a namespace of init functions
+    (`zeros_`, `ones_`, `constant_`, `normal_`): the modules call it from `__init__` with `torch.nn.init`; the
+    registered model classes call it from `_init_weights` with `transformers.initialization`, whose functions skip
+    tensors already loaded. Child modules (`nn.Linear` in the adaptive Managers, the tower's LayerNorms) are not
+    touched: they keep their framework's initialisation.
     """
     if isinstance(module, StaticManager):
-        zeros_(module.layer_scores)
+        init.zeros_(module.layer_scores)
     elif isinstance(module, AdaptiveManager):
-        zeros_(module.zero_gate)
+        init.zeros_(module.zero_gate)
+    elif isinstance(module, BridgeManager):
+        init.zeros_(module.layer_scale)
+    elif isinstance(module, TowerManager):
+        init.constant_(module.layer_scores, 1 / module.num_layers)
+        init.ones_(module.temperature)
+        init.zeros_(module.gate)
     elif isinstance(module, LayerEmbedding):
-        normal_(module.weight, mean=0.0, std=1 / math.sqrt(module.width))
+        init.normal_(module.weight, mean=0.0, std=1 / math.sqrt(module.width))
     else:
         return False
     return True
@@ -260,6 +268,101 @@ class AdaptiveManager(nn.Module):
         return f"num_layers={self.num_layers}, query={self.query}, jitter={self.jitter}"
 
 
+class BridgeManager(nn.Module):
+    """BridgeTower-style (one-to-one) Manager: `w * X[..., k, :]`, one selected vision layer `k` scaled per channel.
+
+    BridgeTower (arXiv 2206.08657) bridges unimodal layer `k` into cross-modal layer `l` with `LayerNorm(x + y)`;
+    that LayerNorm is left out here: the Manager paper (arXiv 2506.11515) found LayerNorm, softmax and their extra
+    weights harmful inside a pre-trained LLM and adds a zero-initialised residual instead. So this is the static
+    Manager with its weights restricted to one layer (the paper's Appendix B-A: BridgeTower as a special case of
+    ManagerTower with one-hot layer weights). `layer_scale` is zero-initialised (identity at init) and jittered in
+    training like the static weights.
+
+    Args:
+        num_layers (`int`): N, the selected vision layers in the features this Manager is given.
+        width (`int`): D.
+        layer (`int`): which of the N (a position in `ManagerConfig.vision_layers`) this Manager reads.
+    """
+
+    def __init__(self, num_layers: int, width: int, layer: int, jitter: float = 0.0):
+        super().__init__()
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"BridgeManager: layer {layer} is not one of the {num_layers} selected layers")
+        self.jitter = jitter
+        self.num_layers, self.width, self.layer = num_layers, width, layer  # plain ints (ZeRO-3)
+        self.layer_scale = nn.Parameter(torch.empty(width))
+        with torch.no_grad():
+            init_manager_weights(self)
+
+    def forward(self, features: torch.Tensor, **_context) -> torch.Tensor:
+        # features: (..., N, D) -> (..., D)
+        scale = _jittered(self.layer_scale, self.jitter, self.training).to(features.dtype)
+        return features[..., self.layer, :] * scale
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer} of {self.num_layers}, width={self.width}, jitter={self.jitter}"
+
+
+class _CastLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` that runs in its input's dtype (the Managers' weights may be fp32 beside bf16 features)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+class TowerManager(nn.Module):
+    """ManagerTower's static Manager (SAUM, arXiv 2306.00103 Eq. 5), gated into a pre-trained LLM.
+
+    `gate * sum_n softmax_n((W + noise) / tau)[n] * LN_n(X[..., n, :])`:
+
+    - `LN_n`: a LayerNorm per selected layer (`norms[n]`, weight 1 and bias 0 at init);
+    - `W` (`layer_scores`, `(N, D)`): one score per layer and channel (the original's `manager_weight_type="vector"`),
+      initialised to 1/N and softmax-normalised over the layers with a learnable temperature `tau` (`temperature`,
+      initialised to 1);
+    - `noise`: in training only, fresh `N(0, (1/N)^2)` per token, layer and channel, added to the scores before the
+      softmax, as the original's `aggregate_reps`;
+    - `gate` (`(D,)`): zero-initialised per-channel gate (identity at init; jittered in training like the static
+      weights). It replaces the original's `W_C * LN(C_{l-1})` term: the Manager's output is added to the LLM state
+      (the cross-modal `C_{l-1}`) as a residual instead of being normalised with it.
+
+    The original's class is `SAUE` in `src/modules/heads.py` of LooperXX/ManagerTower. Rows whose features are all
+    zero (the tokens outside the `grid` span, see features.py) stay zero: LayerNorm would turn them into its bias.
+    """
+
+    def __init__(self, num_layers: int, width: int, jitter: float = 0.0):
+        super().__init__()
+        self.jitter = jitter
+        self.num_layers, self.width = num_layers, width  # plain ints: ZeRO-3 empties partitioned parameters
+        self.norms = nn.ModuleList(_CastLayerNorm(width) for _ in range(num_layers))
+        self.layer_scores = nn.Parameter(torch.empty(num_layers, width))
+        self.temperature = nn.Parameter(torch.empty(1))
+        self.gate = nn.Parameter(torch.empty(width))
+        with torch.no_grad():
+            init_manager_weights(self)
+
+    def layer_weights(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax weights over the layers: `(N, D)`, or in training (with noise) the shape of `like` (..., N, D)."""
+        scores = self.layer_scores.float()
+        if self.training and like is not None:
+            noise = torch.randn(like.shape, device=scores.device, dtype=torch.float32) / self.num_layers
+            scores = scores + noise
+        return torch.softmax(scores / self.temperature.float(), dim=-2)
+
+    def forward(self, features: torch.Tensor, **_context) -> torch.Tensor:
+        # features: (..., N, D) -> (..., D)
+        normed = torch.stack([norm(features[..., n, :]) for n, norm in enumerate(self.norms)], dim=-2)  # (..., N, D)
+        weights = self.layer_weights(like=normed).to(features.dtype)
+        gate = _jittered(self.gate, self.jitter, self.training).to(features.dtype)
+        output = (weights * normed).sum(-2) * gate  # (..., D)
+        is_managed = features.flatten(-2).ne(0).any(-1, keepdim=True)  # (..., 1): False outside the grid span
+        return output * is_managed.to(output.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, width={self.width}, jitter={self.jitter}"
+
+
 _QUERY_OF_TYPE = {"adaptive": None, "adaptive_last": "last", "adaptive_average": "average", "adaptive_cross": "cross"}
 
 
@@ -267,7 +370,8 @@ class ManagerStack(nn.Module):
     """All parameters llava-manager adds to a model, under one submodule (`model.model.manager`).
 
     `managers[i]` serves decoder layer `config.llm_layers[i]` (`injection="llm"`), or is the single vision-space
-    Manager (`injection="projector"`). The Manager at LLM layer 0 uses the first N-1 vision layers.
+    Manager (`injection="projector"`). The static and adaptive Manager at LLM layer 0 uses the first N-1 vision
+    layers (as released); bridge and tower Managers read their layers at every injection point.
     """
 
     def __init__(self, config: ManagerConfig, width: int):
@@ -275,19 +379,28 @@ class ManagerStack(nn.Module):
         self.config = config
         num_layers = len(config.vision_layers)
         self.layer_embedding = LayerEmbedding(num_layers, width) if config.layer_embedding else None
-        managers = []
         if config.injection == "projector":
-            managers.append(StaticManager(num_layers, width, config.jitter))
+            managers = [self._make_manager(config, num_layers, width, index=0, llm_layer=None)]
         else:
-            for llm_layer in config.llm_layers:
-                if llm_layer == 0:
-                    managers.append(StaticManager(num_layers - 1, width, config.jitter))
-                elif config.is_adaptive:
-                    query = _QUERY_OF_TYPE[config.manager_type]
-                    managers.append(AdaptiveManager(num_layers, width, query, config.jitter))
-                else:
-                    managers.append(StaticManager(num_layers, width, config.jitter))
+            managers = [
+                self._make_manager(config, num_layers, width, index, llm_layer)
+                for index, llm_layer in enumerate(config.llm_layers)
+            ]
         self.managers = nn.ModuleList(managers)
+
+    @staticmethod
+    def _make_manager(config: ManagerConfig, num_layers: int, width: int, index: int, llm_layer: int | None):
+        """The Manager serving `llm_layer` (None: the vision-space one), the `index`-th of the stack."""
+        if config.manager_type == "bridge":
+            layer = config.vision_layers.index(config.bridge_layers[index])
+            return BridgeManager(num_layers, width, layer, config.jitter)
+        if config.manager_type == "tower":
+            return TowerManager(num_layers, width, config.jitter)
+        if llm_layer == 0:  # the released static and adaptive types: all selected layers but the last at layer 0
+            return StaticManager(num_layers - 1, width, config.jitter)
+        if config.is_adaptive:
+            return AdaptiveManager(num_layers, width, _QUERY_OF_TYPE[config.manager_type], config.jitter)
+        return StaticManager(num_layers, width, config.jitter)
 
     def embed_layers(self, layer_features: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
         """Add the layer embedding (if any) to `(..., N, D)` features. `reuse_input`: the caller owns

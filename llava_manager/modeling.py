@@ -78,7 +78,7 @@ class _ManagerModelMixin:
     def _init_weights(self, module):
         from transformers import initialization as init
 
-        if not init_manager_weights(module, zeros_=init.zeros_, normal_=init.normal_):
+        if not init_manager_weights(module, init):
             super()._init_weights(module)
 
     @classmethod

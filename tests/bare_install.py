@@ -97,7 +97,12 @@ def check_package_data() -> None:
     from importlib.resources import files
 
     resources = files("llava_manager") / "resources"
-    wanted = ["configs/recipes/stage2_si.yaml", "configs/recipes/demo.yaml", "configs/models/demo.json"]
+    wanted = [
+        "configs/recipes/stage2_si.yaml",
+        "configs/recipes/demo.yaml",
+        "configs/models/demo.json",
+        "configs/ablations/layers_20_26.yaml",
+    ]
     wanted += ["configs/deepspeed/zero3.json", "patches/lmms_eval/README.md"]
     missing = [name for name in wanted if not (resources / name).is_file()]
     if missing:

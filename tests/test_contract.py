@@ -16,6 +16,7 @@ from llava_manager import (
     unpatch_llava,
 )
 from llava_manager import injection as injection_module
+from llava_manager.managers import TowerManager
 from llava_manager.testing.tiny import tiny_config, tiny_model
 
 BARE_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
@@ -95,8 +96,14 @@ def test_transformers_initialises_the_managers(model_class, config_name):
         tensors = manager_tensors(built)
         assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
         for name, tensor in tensors.items():
-            if name.endswith(("layer_scores", "zero_gate")):
+            module = built.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(module, TowerManager):  # scores 1/N, temperature 1, gate 0; its LayerNorms: 1 and 0
+                expected = {"layer_scores": 1 / module.num_layers, "temperature": 1.0, "gate": 0.0}
+                assert torch.equal(tensor, torch.full_like(tensor, expected[name.rsplit(".", 1)[1]])), name
+            elif name.endswith(("layer_scores", "zero_gate", "layer_scale", "bias")):  # bias: the tower's LayerNorms
                 assert torch.equal(tensor, torch.zeros_like(tensor)), name
+            elif ".norms." in name:
+                assert torch.equal(tensor, torch.ones_like(tensor)), name
             if name.endswith("layer_embedding.weight"):
                 width = tensor.shape[-1]
                 assert 0.5 / width**0.5 < tensor.std() < 2 / width**0.5, name

@@ -66,6 +66,49 @@ def test_adaptive_managers_show_their_gate():
     assert "LLM 1 (gate)" in table and "adaptive_average Managers" in table
 
 
+def test_bridge_managers_show_their_scale_in_the_bridged_layer_only():
+    config = ManagerConfig(manager_type="bridge", vision_layers=[1, 2, 3], llm_layers=[0, 2], bridge_layers=[2, 3])
+    model = patched(config)
+    weights = manager_weights(model)
+    assert weights.kinds == ["bridge", "bridge"] and weights.temperatures is None
+    for row, column, manager in zip(weights.values, [1, 2], model.model.manager.managers):
+        assert row[column] == pytest.approx(manager.layer_scale.abs().mean().item())
+        assert all(math.isnan(v) for i, v in enumerate(row) if i != column)
+        assert weights.channel_values[weights.values.index(row)] == pytest.approx(manager.layer_scale.tolist())
+    assert "LLM 2 (bridge)" in format_table(weights)
+
+
+def test_tower_managers_show_softmax_weights_temperature_and_gate():
+    model = patched(ManagerConfig(manager_type="tower", vision_layers=[1, 2, 3], llm_layers=[0, 2]))
+    weights = manager_weights(model)
+    assert weights.kinds == ["tower", "tower"] and not weights.is_identity
+    for index, manager in enumerate(model.model.manager.managers):
+        softmax = torch.softmax(manager.layer_scores / manager.temperature, dim=0)  # over the layers, per channel
+        assert weights.values[index] == pytest.approx(softmax.mean(-1).tolist())
+        assert sum(weights.values[index]) == pytest.approx(1.0)
+        assert weights.temperatures[index] == pytest.approx(manager.temperature.item())
+        assert weights.channel_values[index] == pytest.approx(manager.gate.tolist())
+    table = format_table(weights)
+    assert table.splitlines()[0].split()[-2:] == ["tau", "|gate|"] and "softmax layer weights" in table
+    fresh = manager_weights(patch_llava(tiny_model(), ManagerConfig(manager_type="tower")))
+    assert fresh.is_identity and fresh.values[0] == pytest.approx([0.5, 0.5])  # uniform weights, zero gate
+
+
+@pytest.mark.parametrize("manager_type", ["bridge", "tower"])
+def test_bridge_and_tower_heatmaps_add_the_per_channel_panel(manager_type, tmp_path):
+    model = patched(ManagerConfig(manager_type=manager_type, llm_layers=[0, 2]))
+    first = plot_manager_weights(manager_weights(model), tmp_path / "a.png")
+    plain = plot_manager_weights(manager_weights(patched()), tmp_path / "static.png")
+    assert pixels(first).shape[0] > 1.5 * pixels(plain).shape[0]  # two panels
+    manager = model.model.manager.managers[1]
+    with torch.no_grad():  # one channel of the scale / gate changes: only the per-channel panel can show it
+        (manager.layer_scale if manager_type == "bridge" else manager.gate)[3].mul_(-1.0)
+    changed = plot_manager_weights(manager_weights(model), tmp_path / "b.png")
+    differs = (pixels(changed) != pixels(first)).any(axis=-1)
+    half = differs.shape[0] // 2
+    assert differs[half:].any()
+
+
 def test_projector_injection_is_one_row():
     weights = manager_weights(patched(ManagerConfig(injection="projector", vision_layers=[1, 2, 3])))
     assert weights.rows == ["projector"] and weights.vision_layers == [1, 2, 3]

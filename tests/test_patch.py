@@ -34,6 +34,8 @@ CONFIGS = {
     "static": ManagerConfig(),
     "adaptive_cross": ManagerConfig(manager_type="adaptive_cross", llm_layers=[0, 1, 3], query_token_id=1),
     "projector": ManagerConfig(injection="projector"),
+    "bridge": ManagerConfig(manager_type="bridge", vision_layers=[1, 2, 3], llm_layers=[0, 1, 3]),
+    "tower": ManagerConfig(manager_type="tower", llm_layers=[0, 1, 3]),
 }
 
 
@@ -206,6 +208,7 @@ def _gradients(config_name, checkpointing_kwargs=None):
 
 CHECKPOINTED_CONFIGS = {
     "static": ManagerConfig(llm_layers=[0, 1, 3]),
+    "tower": ManagerConfig(manager_type="tower", llm_layers=[0, 1, 3]),  # its score noise is replayed exactly
     "adaptive_cross": ManagerConfig(manager_type="adaptive_cross", llm_layers=[0, 1, 3], query_token_id=1),
 }
 

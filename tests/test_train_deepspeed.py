@@ -64,6 +64,29 @@ def test_tiny_cpu_trains_and_reloads(tmp_path, zero):
         _generate_matches_the_reloaded_model(trainer, reloaded)
 
 
+@pytest.mark.parametrize("manager_type", ["bridge", "tower"])
+def test_bridge_and_tower_train_under_zero3_with_lora(tmp_path, manager_type):
+    """Every new parameter (the tower's LayerNorms, scores, temperature and gate; the bridge's scale) is partitioned,
+    trained and saved; LoRA on the LLM beside them. The merged output reloads with the engine's logits."""
+    lora = ["--lora", "{r: 4, alpha: 8, dropout: 0.0}", "--train_parts", "manager,projector,language_model"]
+    recipe = tiny_recipe(
+        tmp_path, *ZERO3_PARTITIONED, *lora, "--max_steps", "4", "--manager.manager_type", manager_type
+    )
+    result = train(recipe)
+    trainer = result.trainer
+    assert trainer.model_wrapped.zero_optimization_stage() == 3
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    batch.pop("dropped_samples")
+    in_memory = _eval_logits(trainer.model_wrapped, batch)
+    reloaded = _reload(result.output_dir)
+    assert reloaded.config.manager["manager_type"] == manager_type
+    torch.testing.assert_close(_eval_logits(reloaded, batch), in_memory, atol=1e-4, rtol=1e-4)  # LoRA merged
+    fresh = type(reloaded.model.manager)(reloaded.model.manager.config, reloaded.model.manager.managers[0].width)
+    initial = dict(fresh.named_parameters())
+    for name, parameter in reloaded.model.manager.named_parameters():  # every one moved from its initial value
+        assert not torch.equal(parameter, initial[name]), name
+
+
 def _generate_matches_the_reloaded_model(trainer, reloaded):
     """ZeRO-3: generate() encodes the image before (outside) the model's forward, where ZeRO-3 has not gathered the
     bare `image_newline` parameter; the patched get_image_features gathers it itself."""

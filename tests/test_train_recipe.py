@@ -178,7 +178,9 @@ def test_recipe_file_errors(tmp_path):
     bad.write_text("model_config: tiny\nprocessor: tiny\ndata_path: x.json\nlearning_rate: 1.0e-3\n")
     with pytest.raises(RecipeError, match=r"bad.yaml: unknown key 'learning_rate'.*did you mean 'learning_rates'"):
         load_recipe(str(bad))
-    with pytest.raises(RecipeError, match=r"not a shipped recipe \(demo, stage1, stage1_5, stage2_si, tiny_cpu\)"):
+    with pytest.raises(
+        RecipeError, match=r"not a shipped recipe \(demo, stage1, stage1_5, stage2_si, tiny_cpu; ablations: "
+    ):
         load_recipe(str(tmp_path / "missing.yaml"))
     optimizer = tmp_path / "ds.json"
     optimizer.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))

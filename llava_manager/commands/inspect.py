@@ -12,6 +12,9 @@ Each cell is mean |w| over channels for one Manager (row: the LLM layer it feeds
 selected SigLIP layer (column: its hidden_states index), like the paper's weight figures. Static Managers
 show |layer_scores|; adaptive ones their learned gate |zero_gate| (the per-token scores depend on the
 input). The Manager at LLM layer 0 has no weight for the last selected layer, as released ("-").
+Bridge Managers show mean |layer_scale| in the one layer each bridges; tower Managers their softmax layer
+weights (rows sum to 1) with the temperature (tau) and mean |gate|. For both, the PNG adds a panel with each
+Manager's per-channel scale or gate.
 """
 
 
@@ -22,8 +25,8 @@ def register(subparsers) -> None:
         "inspect",
         help="show the learned Manager weights (terminal table; --out for a PNG heatmap)",
         description="Print a table of the learned Manager weights of a checkpoint (mean |w| over channels per "
-        "injection layer and vision layer) and, with --out, draw them as a heatmap. Works for static and "
-        "adaptive Managers and for both injection sites.",
+        "injection layer and vision layer) and, with --out, draw them as a heatmap. Works for every Manager type "
+        "(static, adaptive, bridge, tower) and both injection sites.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -45,7 +45,8 @@ logger = logging.getLogger("llava_manager.train")
 
 USAGE = """usage: python -m llava_manager.train [RECIPE] [--key value ...] [--print-recipe]
 
-RECIPE is a YAML file or a shipped recipe name ({names}; default tiny_cpu).
+RECIPE is a YAML file or a shipped recipe name ({names}; default tiny_cpu),
+or one of the paper's ablations in configs/ablations/ ({ablations}).
 Every recipe key can be overridden: --max_steps 10, --learning_rates.manager 5e-5, --manager.grid base,
 --deepspeed zero3, --train_parts manager,projector. Values are read as YAML.
 
@@ -113,7 +114,7 @@ def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
     data = prepare_data(recipe)
     model, processor = load_for_training(recipe)
     processor, layout = configure_images(recipe, model, processor)
-    model = patch_model(recipe, model, layout)
+    model = patch_model(recipe, model, layout, processor.tokenizer)
     check_processor(model, processor)
     processor.tokenizer.model_max_length = recipe.model_max_length
 
@@ -211,7 +212,7 @@ def split_argv(argv: list[str]) -> tuple[str, list[str], bool]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE.format(names=", ".join(shipped_names("recipes"))))
+        print(USAGE.format(names=", ".join(shipped_names("recipes")), ablations=", ".join(shipped_names("ablations"))))
         print("recipe keys:")
         for f in dataclasses.fields(Recipe):
             if not f.metadata.get("internal"):

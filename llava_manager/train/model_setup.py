@@ -133,9 +133,22 @@ def _square_processor(processor):
     )
 
 
-def patch_model(recipe: Recipe, model, layout):
-    """Patch with the recipe's Managers unless the model is patched already (then the recipe must agree)."""
+def patch_model(recipe: Recipe, model, layout, tokenizer=None):
+    """Patch with the recipe's Managers unless the model is patched already (then the recipe must agree).
+
+    Adaptive Managers without `query_token_id` in the recipe get the id of `<|im_start|>` in `tokenizer`."""
     from llava_manager import ImageLayout, ManagerConfig, is_patched, patch_llava
+    from llava_manager.config import ADAPTIVE_TYPES
+
+    manager = recipe.manager
+    if manager and manager.get("manager_type") in ADAPTIVE_TYPES and manager.get("query_token_id") is None:
+        query_id = tokenizer.convert_tokens_to_ids("<|im_start|>") if tokenizer is not None else None
+        if query_id is None or query_id == getattr(tokenizer, "unk_token_id", None):
+            raise RecipeError(
+                f"recipe key 'manager': {manager['manager_type']} Managers find the instruction by <|im_start|>, "
+                "which this tokenizer lacks; set manager.query_token_id to the id that opens each turn"
+            )
+        recipe.manager = {**manager, "query_token_id": int(query_id)}
 
     if is_patched(model):
         current = getattr(model.config, "manager", None)

@@ -9,7 +9,10 @@ the key (and the file), before anything heavy is imported or any process group s
 Relative paths are tried against the current directory first, then the recipe's directory. Bare
 names resolve to the shipped configs: `deepspeed: zero3` -> `configs/deepspeed/zero3.json`,
 `model_config: tiny` -> `configs/models/tiny.json`, and the recipe itself: `tiny_cpu` ->
-`configs/recipes/tiny_cpu.yaml`.
+`configs/recipes/tiny_cpu.yaml` (then `configs/ablations/`: the paper's ablations, `layers_20_26` ...).
+
+A recipe may start from another (`base: stage2_si`) and change only some keys; the nested mappings merge key by
+key (`manager: {grid: base}` keeps the base's other Manager settings), `manager: null` removes the Managers.
 """
 
 from __future__ import annotations
@@ -498,19 +501,64 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
-def read_recipe_file(path_or_name: str) -> tuple[dict[str, Any], Path]:
-    found = find_config(path_or_name, "recipes", (".yaml", ".yml"))
+#: a recipe may start from another and change a few keys: `base: stage2_si` (a shipped name, or a path relative to
+#: the recipe's folder); its mappings (`manager`, `learning_rates`, `lora`, `training_args`) merge key by key
+BASE_KEY = "base"
+_MERGED_MAPPINGS = ("manager", "learning_rates", "lora", "training_args")
+_RECIPE_KINDS = ("recipes", "ablations")  # where shipped recipe names are looked up, in this order
+
+
+def find_recipe(path_or_name: str, base_dir: Path | None = None) -> Path | None:
+    """A recipe file: a path (cwd, then `base_dir`), a shipped recipe, or a shipped ablation (`configs/ablations/`)."""
+    for kind in _RECIPE_KINDS:
+        found = find_config(path_or_name, kind, (".yaml", ".yml"), base_dir)
+        if found is not None:
+            return found
+    return None
+
+
+def _shipped_recipe_list() -> str:
+    return f"{', '.join(shipped_names('recipes'))}; ablations: {', '.join(shipped_names('ablations'))}"
+
+
+def read_recipe_file(path_or_name: str, base_dir: Path | None = None, _chain: tuple[Path, ...] = ()):
+    """`(data, path)` of a recipe file, with its `base` chain merged in (the file's own keys win)."""
+    found = find_recipe(path_or_name, base_dir)
     if found is None:
+        where = f" (the base of {_chain[-1]})" if _chain else ""
         raise RecipeError(
-            f"recipe {path_or_name!r}: no such file and not a shipped recipe ({', '.join(shipped_names('recipes'))})"
+            f"recipe {path_or_name!r}{where}: no such file and not a shipped recipe ({_shipped_recipe_list()})"
         )
+    if found in _chain:
+        raise RecipeError(f"recipe {found}: its 'base' chain comes back to itself ({' -> '.join(map(str, _chain))})")
     try:
         data = yaml.safe_load(found.read_text()) or {}
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {found}: not valid YAML ({error})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {found}: the top level must be a mapping of keys")
-    return data, found
+    keys = Recipe.keys()
+    for key in data:
+        if key not in keys and key != BASE_KEY:
+            raise RecipeError(f"recipe {found}: unknown key {key!r}{_suggest(str(key), keys)}")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data, found
+    if not isinstance(base, str):
+        raise RecipeError(f"recipe {found}: 'base' must be a recipe name or path, got {base!r}")
+    base_data, _ = read_recipe_file(base, found.parent, (*_chain, found))
+    return merge_recipe_data(base_data, data), found
+
+
+def merge_recipe_data(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` applied: mappings merge key by key, anything else (also `null`) replaces."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if key in _MERGED_MAPPINGS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str | None = None) -> dict[str, Any]:
@@ -545,10 +593,6 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str
 def load_recipe(path_or_name: str, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Read a recipe YAML (path or shipped name), apply overrides, validate; raises `RecipeError`."""
     data, found = read_recipe_file(path_or_name)
-    keys = Recipe.keys()
-    for key in data:
-        if key not in keys:
-            raise RecipeError(f"recipe {found}: unknown key {key!r}{_suggest(str(key), keys)}")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     data = apply_overrides(data, overrides or {}, str(found))
