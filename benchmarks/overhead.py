@@ -51,6 +51,7 @@ import torch
 from lockstep import run_lockstep
 
 from llava_manager import ImageLayout, ManagerConfig, patch_llava
+from llava_manager.config import default_vision_layers
 
 IMAGE_MODES = ("square", "anyres", "anyres_max_9")
 PHASES = ("prefill", "decode", "train")
@@ -166,6 +167,7 @@ def build_pair(
     attn: str,
     seed: int,
     checkpointing: bool = False,
+    manager_type: str = "static",
 ):
     """(vanilla, patched): two models sharing every weight tensor; Managers with random (non-zero) weights."""
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -193,7 +195,12 @@ def build_pair(
     layout = ImageLayout(mode="square") if square else ImageLayout()
     if square:  # transformers has no square mode: the baseline is the same layout without Managers
         patch_llava(vanilla, layout=layout, managers=False)
-    patch_llava(patched, ManagerConfig(vision_layers=preset.vision_layers, injection=injection), layout=layout)
+    vision_layers = preset.vision_layers or default_vision_layers(patched.config.vision_config.num_hidden_layers)
+    if manager_type == "bridge":  # one layer per Manager, as the bridge ablation selects only the layers it reads
+        managers = len(range(0, patched.config.text_config.num_hidden_layers, 4)) if injection == "llm" else 1
+        vision_layers = vision_layers[-managers:]
+    config = ManagerConfig(manager_type=manager_type, vision_layers=vision_layers, injection=injection)
+    patch_llava(patched, config, layout=layout)
     with torch.no_grad():  # trained-looking Managers (zero-initialised ones would compute the same, but be honest)
         for param in patched.model.manager.parameters():
             param.copy_(torch.randn(param.shape, generator=generator).mul_(0.02).to(param))
@@ -369,6 +376,7 @@ def run_image_mode(args, preset: Preset, image_mode: str, device, dtype) -> dict
         preset,
         image_mode=image_mode,
         injection=args.injection,
+        manager_type=args.manager_type,
         dtype=dtype,
         device=device,
         attn=args.attn,
@@ -487,7 +495,8 @@ def _ratio(pair: dict) -> float:
 def format_table(report: dict) -> str:
     meta = report["meta"]
     lines = [
-        f"preset {meta['preset']}, injection={meta['injection']}, {meta['dtype']} on {meta['device']}"
+        f"preset {meta['preset']}, {meta.get('manager_type', 'static')} Managers, injection={meta['injection']}, "
+        f"{meta['dtype']} on {meta['device']}"
         f" ({meta['threads']} threads), attn={meta['attn']}; median of {meta['repeats']} (train: {meta['train_repeats']})"
         f" after {meta['warmup']} warm-up; prefill/train interleaved by {meta['interleave']}"
         f"; train step {'with' if meta['gradient_checkpointing'] else 'without'} gradient checkpointing"
@@ -540,6 +549,12 @@ def parse_args(argv=None):
         help=f"comma-separated image modes from {','.join(IMAGE_MODES)} (default: per preset)",
     )
     parser.add_argument("--injection", choices=("llm", "projector"), default="llm")
+    parser.add_argument(
+        "--manager-type",
+        choices=("static", "bridge", "tower"),
+        default="static",
+        help="the Managers measured (bridge: each reads one of the top len(llm_layers) selected layers)",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     parser.add_argument(
@@ -644,6 +659,7 @@ def main(argv=None) -> dict:
         "meta": {
             "preset": args.preset,
             "injection": args.injection,
+            "manager_type": args.manager_type,
             "dtype": args.dtype,
             "device": torch.cuda.get_device_name(device)
             if device.type == "cuda"

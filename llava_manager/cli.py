@@ -9,7 +9,7 @@ import sys
 
 from .errors import CommandError  # noqa: F401  (re-exported: its old home)
 
-SUBCOMMANDS = ["train", "convert", "chat", "inspect", "demo", "cache"]
+SUBCOMMANDS = ["build", "train", "convert", "chat", "inspect", "demo", "cache"]
 
 
 def build_parser() -> argparse.ArgumentParser:

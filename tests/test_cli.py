@@ -54,7 +54,7 @@ def image(tmp_path_factory) -> Path:
 def test_every_subcommand_is_registered():
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices
-    for name in ("chat", "inspect", "demo"):
+    for name in ("build", "chat", "inspect", "demo"):
         assert name in choices
     assert set(choices) <= set(SUBCOMMANDS)
 
@@ -63,7 +63,8 @@ def test_every_subcommand_is_registered():
     "command, words",
     [
         ("chat", ["--image", "--max-new-tokens", "--temperature", "Hub", "examples"]),
-        ("inspect", ["--out", "mean |w|", "adaptive", "examples"]),
+        ("inspect", ["--out", "mean |w|", "adaptive", "tower", "bridge", "examples"]),
+        ("build", ["--vision", "--llm", "SigLIP", "image_newline", "stage1", "--seed", "examples"]),
         ("demo", ["--compare", "--steps", "DeepSpeed", "held-out", "--output-dir"]),
     ],
 )

@@ -11,6 +11,7 @@ original LLaVA-NeXT format, keep conversions in a cache, and load any of them wi
     conversion.py  original folder -> HF-format folder (model + processor)
     cache.py       where conversions are kept
     loading.py     `from_pretrained`
+    compose.py     a fresh LLaVA-OV from a SigLIP and an LM checkpoint (`llava-manager build`)
 """
 
 from .conversion import convert_checkpoint

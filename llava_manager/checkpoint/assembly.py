@@ -27,28 +27,32 @@ def crop_mode_for(original_config: dict) -> str:
     )
 
 
+def load_tokenizer(path_or_id, hub_kwargs: dict | None = None):
+    """The tokenizer in a folder or Hub repo (only its tokenizer files are fetched), as its files declare it."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    path = Path(path_or_id)
+    if path.is_dir() and not has_tokenizer_files(path):
+        raise ConversionError(
+            f"{path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); pass tokenizer= a "
+            "tokenizer or its folder (the released models use Qwen/Qwen2-0.5B-Instruct's)"
+        )
+    # A config.json beside the tokenizer saying model_type "qwen2" would make AutoTokenizer pick Qwen2Tokenizer
+    # whatever tokenizer_config.json declares: an empty config lets the declared class win.
+    hint = {"config": PretrainedConfig()} if (path / "config.json").is_file() else {}
+    try:  # a folder, or a Hub id (AutoTokenizer then fetches the tokenizer files only)
+        return AutoTokenizer.from_pretrained(os.fspath(path_or_id), **hint, **(hub_kwargs or {}))
+    except Exception as error:
+        raise ConversionError(f"the tokenizer {os.fspath(path_or_id)!r} cannot be loaded: {error}") from None
+
+
 def prepare_tokenizer(tokenizer_or_path, original_config: dict | None = None):
     """The checkpoint's tokenizer with `<image>` / `<video>` (added after the vocabulary when missing), left
     padding (for batched generation) and the `qwen_1_5` chat template. A given tokenizer object is copied."""
     from tokenizers import AddedToken
-    from transformers import AutoTokenizer, PretrainedConfig
 
     if isinstance(tokenizer_or_path, (str, os.PathLike)):
-        path = Path(tokenizer_or_path)
-        if path.is_dir() and not has_tokenizer_files(path):
-            raise ConversionError(
-                f"{path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); pass tokenizer= a "
-                "tokenizer or its folder (the released models use Qwen/Qwen2-0.5B-Instruct's)"
-            )
-        # An original config.json beside the tokenizer says model_type "qwen2", which would make AutoTokenizer
-        # pick Qwen2Tokenizer whatever tokenizer_config.json declares: an empty config lets the declared class win.
-        hint = {"config": PretrainedConfig()} if (path / "config.json").is_file() else {}
-        try:  # a folder, or a Hub id (AutoTokenizer then fetches the tokenizer files only)
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_or_path), **hint)
-        except Exception as error:
-            raise ConversionError(
-                f"the tokenizer {os.fspath(tokenizer_or_path)!r} cannot be loaded: {error}"
-            ) from None
+        tokenizer = load_tokenizer(tokenizer_or_path)
     else:
         tokenizer = copy.deepcopy(tokenizer_or_path)
     missing = [token for token in ("<image>", "<video>") if token not in tokenizer.get_vocab()]

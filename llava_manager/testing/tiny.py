@@ -129,22 +129,28 @@ _WORDS = [
 ]
 
 
-def tiny_vocabulary() -> list[str]:
-    """Every token of the tiny tokenizer, special tokens first (ids 0..5)."""
+MEDIA_TOKENS = ("<image>", "<video>")
+
+
+def tiny_vocabulary(media_tokens: bool = True) -> list[str]:
+    """Every token of the tiny tokenizer, special tokens first (ids 0..5; 0..3 without the media tokens)."""
+    specials = [t for t in SPECIAL_TOKENS if media_tokens or t not in MEDIA_TOKENS]
     singles = list(string.ascii_lowercase + string.ascii_uppercase + string.digits) + list(".,?!:;'\"-()/ \n")
     words = []
     for word in _WORDS:
         for form in (word, word.capitalize()):
             if form not in words and form not in singles:
                 words.append(form)
-    return SPECIAL_TOKENS + singles + words
+    return specials + singles + words
 
 
-def tiny_tokenizer(model_max_length: int = 4096) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with Qwen ChatML specials; unknown words fall back to characters."""
+def tiny_tokenizer(model_max_length: int = 4096, media_tokens: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen ChatML specials; unknown words fall back to characters.
+
+    `media_tokens=False`: without `<image>` / `<video>`, like a text-only LLM's tokenizer (Qwen2's)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {token: index for index, token in enumerate(tiny_vocabulary())}
+    vocab = {token: index for index, token in enumerate(tiny_vocabulary(media_tokens))}
     known_words = "|".join(sorted((w for w in vocab if len(w) > 1 and w.isalpha()), key=len, reverse=True))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # known words as one token each; anything else character by character
@@ -156,7 +162,7 @@ def tiny_tokenizer(model_max_length: int = 4096) -> PreTrainedTokenizerFast:
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", *(MEDIA_TOKENS if media_tokens else ())],
         model_max_length=model_max_length,
         padding_side="left",
     )
