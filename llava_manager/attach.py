@@ -3,7 +3,7 @@
 The layer below `patch.py` (the public `patch_llava` / `unpatch_llava`, which also swap config and classes) and
 `modeling.py` (whose registered classes attach from their config when built). On the model's `LlavaOnevisionModel`
 (`model.model`, or the model itself when bare) `attach` adds one registered submodule, `manager`, holding every new
-parameter, replaces `get_image_features` on that instance (features.py), installs the hooks (forward_state.py,
+parameter, replaces `get_image_features` and `get_video_features` on that instance (features.py, video.py), installs the hooks (forward_state.py,
 injection.py) and records what it did; a step that fails undoes the earlier ones.
 """
 
@@ -20,6 +20,7 @@ from .features import ImageFeatureComputer
 from .forward_state import ForwardScope
 from .injection import LLMInjection, ProjectorIdleRun
 from .managers import ManagerStack
+from .video import VideoFeatureComputer
 
 _RECORD = "_llava_manager_patch"  # attribute of the patched LlavaOnevisionModel
 
@@ -32,9 +33,10 @@ class PatchRecord:
     injection: LLMInjection | ProjectorIdleRun | None
     scope: ForwardScope | None
     original_config: object | None = None
+    video: VideoFeatureComputer | None = None
 
     def remove_hooks(self) -> None:
-        for part in (self.injection, self.features, self.scope):
+        for part in (self.injection, self.video, self.features, self.scope):
             if part is not None:
                 part.remove()
 
@@ -82,7 +84,7 @@ def attach_from_config(model) -> None:
 def attach(model, config: ManagerConfig | None, layout: ImageLayout) -> PatchRecord:
     """Attach the ManagerStack, the feature computer and the hooks; if any step fails, undo the others and raise."""
     llava = llava_model_of(model)
-    scope = features = injection = None
+    scope = features = injection = video = None
     try:
         stack = None
         if config is not None:
@@ -97,15 +99,20 @@ def attach(model, config: ManagerConfig | None, layout: ImageLayout) -> PatchRec
             scope = ForwardScope(llava)
         features = ImageFeatureComputer(llava, stack, config, layout, scope)
         llava.get_image_features = features
+        if config is not None and config.video:
+            video = VideoFeatureComputer(llava, stack, config, scope, features.capture)
+            llava.get_video_features = video
         if config is not None:
             injection = (LLMInjection if config.injection == "llm" else ProjectorIdleRun)(llava, stack, scope)
     except BaseException:
-        for part in (injection, features, scope):
+        for part in (injection, video, features, scope):
             if part is not None:
                 part.remove()
         drop_modules(llava)
         raise
-    record = PatchRecord(manager_config=config, layout=layout, features=features, injection=injection, scope=scope)
+    record = PatchRecord(
+        manager_config=config, layout=layout, features=features, injection=injection, scope=scope, video=video
+    )
     object.__setattr__(llava, _RECORD, record)
     return record
 
@@ -129,12 +136,13 @@ def build_stack(config: ManagerConfig, width: int, reference: torch.Tensor) -> M
 
 def drop_modules(llava) -> None:
     llava.__dict__.pop("get_image_features", None)
+    llava.__dict__.pop("get_video_features", None)
     if "manager" in llava._modules:
         del llava._modules["manager"]
 
 
 def detach(model) -> PatchRecord:
-    """Remove the hooks, the `manager` submodule and the `get_image_features` override; return the record."""
+    """Remove the hooks, the `manager` submodule and the feature overrides; return the record."""
     llava = llava_model_of(model)
     record = patch_record(model)
     record.remove_hooks()

@@ -64,6 +64,9 @@ class ManagerConfig:
         query_token_id (`int`, *optional*):
             Token id of `<|im_start|>`, used by the adaptive Managers to find the instruction tokens (151644 for
             Qwen2 tokenizers). Required for the adaptive types.
+        video (`bool`, *optional*, defaults to `True`):
+            Manage the video tokens too (each frame's selected layers, projected and pooled like the main video
+            feature; see `video.py`). `False` leaves video tokens as transformers computes them.
         bridge_layers (`list[int]`, *optional*):
             `manager_type="bridge"` only: the SigLIP `hidden_states` index each Manager reads, one per entry of
             `llm_layers` in order (one for `injection="projector"`); each must be one of `vision_layers`. Defaults to
@@ -95,6 +98,7 @@ class ManagerConfig:
     bridge_layers: list[int] | None = field(
         default=None, metadata={"help": "bridge only: SigLIP layer per Manager (default: top len(llm_layers))"}
     )
+    video: bool = field(default=True, metadata={"help": "manage video tokens too"})
 
     def __post_init__(self):
         if self.manager_type not in MANAGER_TYPES:
@@ -109,6 +113,8 @@ class ManagerConfig:
         self.jitter = float(self.jitter)
         if not isinstance(self.layer_embedding, bool):
             raise _bad("layer_embedding", self.layer_embedding, "use True or False")
+        if not isinstance(self.video, bool):
+            raise _bad("video", self.video, "use True or False")
         for name in ("vision_layers", "llm_layers", "bridge_layers"):
             value = getattr(self, name)
             if value is None:

@@ -21,6 +21,7 @@ class ForwardState:
     mm_encoder_outputs: dict | None
     cache: object | None  # the KV cache given to this forward, if any
     image_output: object | None = None  # features.ManagerImageOutput computed inside this forward
+    video_output: object | None = None  # video.ManagerVideoOutput computed inside this forward
     plan: object | None = None  # injection.InjectionPlan, built before the first decoder layer
     outer: ForwardState | None = None  # the state this forward's exit restores (None: no forward was running)
 

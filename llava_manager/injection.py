@@ -3,11 +3,11 @@
 Per forward of the `LlavaOnevisionModel`:
 1. the `ForwardScope` (forward_state.py) opens this forward's state with its inputs (`input_ids` or
    `inputs_embeds`, `mm_encoder_outputs`, the KV cache);
-2. `get_image_features` (ours, see features.py) runs inside that forward and leaves its output in the
-   state, or ran before it in `generate()` and arrives through `mm_encoder_outputs`;
-3. a pre-hook on the language model builds the `InjectionPlan`: where the image tokens are,
+2. `get_image_features` / `get_video_features` (ours, see features.py, video.py) run inside that forward and leave
+   their output in the state, or ran before it in `generate()` and arrive through `mm_encoder_outputs`;
+3. a pre-hook on the language model builds the `InjectionPlan`: where the image and video tokens are,
    their multi-layer features, and (adaptive Managers) where each sample's instruction is;
-4. a pre-hook on each chosen decoder layer returns `h + delta` (out of place) at the image tokens;
+4. a pre-hook on each chosen decoder layer returns `h + delta` (out of place) at those tokens;
 5. the scope closes the state when the forward ends (also on errors).
 Decode steps (a filled KV cache and no image token) skip all Manager work; every other forward runs
 every Manager, on empty tensors for text-only batches, so ZeRO-3 ranks stay in step.
@@ -46,7 +46,7 @@ def check_prefill_chunking(model, prefill_chunk_size) -> None:
 class InjectionPlan:
     """Everything the decoder-layer hooks need, computed once per forward.
 
-    positions (`(T,)`): flat indices (`batch * seq_len + pos`) of the image tokens, in feature order.
+    positions (`(T,)`): flat indices (`batch * seq_len + pos`) of the managed image and video tokens, ascending.
     features (`(T, N, D)`): their multi-layer features (zero rows outside the `grid` span).
     token_sample (`(T,)`): the sample of each image token.
     query (`_QueryPlan`, *optional*): the adaptive Managers' instruction positions.
@@ -101,45 +101,30 @@ class LLMInjection:
         hidden = kwargs.get("inputs_embeds")
         if hidden is None:
             return None
-        image_output = state.image_output
-        if image_output is None and state.mm_encoder_outputs:
-            image_output = state.mm_encoder_outputs.get("image")
-        image_mask = self._image_token_mask(state, hidden)  # (B, L) bool
-        if image_output is None:  # no image features in this forward (e.g. a generated <image> id): plain tokens,
-            image_mask = torch.zeros_like(image_mask)  # as transformers treats them
-        batch, seq_len = image_mask.shape
-        has_images = bool(image_mask.any())
-        if not has_images and _cache_length(state.cache) > 0:
+        image = self._media(state, hidden, "image")  # (mask (B, L), per-token features (T_i, N * D) or None)
+        video = self._media(state, hidden, "video") if self.config.video else None
+        media_mask = image[0] if video is None else image[0] | video[0]  # (B, L) bool
+        batch, seq_len = media_mask.shape
+        has_media = bool(media_mask.any())
+        if not has_media and _cache_length(state.cache) > 0:
             state.plan = None  # a decode step: no Manager work at all
             return None
 
-        if has_images and self.config.is_adaptive and _cache_length(state.cache) > 0:
+        if has_media and self.config.is_adaptive and _cache_length(state.cache) > 0:
             raise ManagerError(_ADAPTIVE_NEEDS_WHOLE_PROMPT)
 
-        positions = image_mask.reshape(-1).nonzero().squeeze(-1)  # (T,)
         num_layers = len(self.config.vision_layers)
         width = hidden.shape[-1]
-        layer_features = getattr(image_output, "deepstack_features", None) if image_output is not None else None
-        if has_images and layer_features is None:
-            raise RuntimeError(
-                "image tokens reached a patched model without Manager features: pass pixel_values, or "
-                "mm_encoder_outputs computed by this patched model's get_image_features"
-            )
-        if has_images:
-            parts = [f.reshape(-1, num_layers * width) for f in layer_features[0]]
-            features = _join_rows(parts, layer_features[0], getattr(image_output, "joined_layer_features", None))
-            if features.shape[0] != positions.shape[0]:
-                raise RuntimeError(
-                    f"Manager features and image tokens do not match: tokens {positions.shape[0]}, "
-                    f"features {features.shape[0]}"
-                )
+        if has_media:
+            positions, features = _merge_media([m for m in (image, video) if m is not None and m[1] is not None])
             features = features.view(-1, num_layers, width).to(hidden.device, hidden.dtype)  # (T, N, D)
         else:  # text-only forward: run every Manager on nothing (keeps ZeRO-3 ranks in step)
+            positions = media_mask.reshape(-1).nonzero().squeeze(-1)  # (0,)
             features = self.stack.embed_layers(hidden.new_zeros(0, num_layers, width))  # through the module (ZeRO-3)
         token_sample = torch.div(positions, seq_len, rounding_mode="floor")
-        query = self._query_plan(state, image_mask, hidden) if self.config.is_adaptive and has_images else None
+        query = self._query_plan(state, media_mask, hidden) if self.config.is_adaptive and has_media else None
         span = None
-        if has_images:
+        if has_media:
             first, last = (int(p) for p in positions[[0, -1]].tolist())
             if last - first + 1 == positions.shape[0]:  # one block of consecutive tokens (e.g. one image, one sample)
                 span = (first, last + 1)
@@ -152,6 +137,36 @@ class LLMInjection:
             grad_enabled=torch.is_grad_enabled(),
         )
         return None
+
+    def _media(self, state: ForwardState, hidden: torch.Tensor, kind: str):
+        """`(mask (B, L) of this modality's tokens, their (T, N * D) Manager features or None)`.
+
+        Tokens whose features this forward does not have (e.g. a generated `<image>` id) count as plain tokens, as
+        transformers treats them."""
+        output = getattr(state, f"{kind}_output")
+        if output is None and state.mm_encoder_outputs:
+            output = state.mm_encoder_outputs.get(kind)
+        token_id = getattr(self.llava_model.config, f"{kind}_token_id")
+        mask = self._token_mask(state, hidden, token_id)
+        if output is None:
+            return torch.zeros_like(mask), None
+        if not bool(mask.any()):
+            return mask, None
+        layer_features = getattr(output, "deepstack_features", None)
+        if layer_features is None:
+            raise RuntimeError(
+                f"{kind} tokens reached a patched model without Manager features: pass the pixels, or "
+                f"mm_encoder_outputs computed by this patched model's get_{kind}_features"
+            )
+        width = self.llava_model.config.text_config.hidden_size * len(self.config.vision_layers)
+        parts = [f.reshape(-1, width) for f in layer_features[0]]
+        features = _join_rows(parts, layer_features[0], getattr(output, "joined_layer_features", None))
+        tokens = int(mask.sum())
+        if features.shape[0] != tokens:
+            raise RuntimeError(
+                f"Manager features and {kind} tokens do not match: tokens {tokens}, features {features.shape[0]}"
+            )
+        return mask, features
 
     def _image_token_mask(self, state: ForwardState, hidden: torch.Tensor) -> torch.Tensor:
         return self._token_mask(state, hidden, self.llava_model.config.image_token_id)
@@ -166,7 +181,8 @@ class LLMInjection:
         return (embeds == token_embedding).all(-1).to(hidden.device)
 
     def _query_plan(self, state: ForwardState, image_mask: torch.Tensor, hidden: torch.Tensor) -> _QueryPlan:
-        """Instruction positions per sample, as the released code finds them from `<|im_start|>`."""
+        """Instruction positions per sample, as the released code finds them from `<|im_start|>` (around the image
+        and video tokens: `image_mask` marks both)."""
         batch, seq_len = image_mask.shape
         starts_mask = self._token_mask(state, hidden, self.config.query_token_id)
         if state.attention_mask is not None and state.attention_mask.dim() == 2:
@@ -258,8 +274,8 @@ class ProjectorIdleRun:
     def _before_llm(self, module, args, kwargs):
         hidden = kwargs.get("inputs_embeds")
         state = self.scope.current()
-        image_features_ran = state is not None and state.image_output is not None
-        if hidden is None or image_features_ran or not (self.stack.training and torch.is_grad_enabled()):
+        features_ran = state is not None and (state.image_output is not None or state.video_output is not None)
+        if hidden is None or features_ran or not (self.stack.training and torch.is_grad_enabled()):
             return None
         num_layers = len(self.stack.config.vision_layers)
         nothing = hidden.new_zeros(0, num_layers, self.stack.managers[0].width)  # (0, N, C)
@@ -310,6 +326,18 @@ def _add_rows(flat: torch.Tensor, plan: InjectionPlan, delta: torch.Tensor) -> t
         updated.narrow(0, start, stop - start).add_(delta)
         return updated
     return flat.index_copy(0, plan.positions, flat.index_select(0, plan.positions) + delta)
+
+
+def _merge_media(media: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (T,), features (T, N * D)) of every managed token, in sequence order, from per-modality
+    `(mask (B, L), features in that modality's token order)`; no copy when one modality has them all."""
+    if len(media) == 1:
+        mask, features = media[0]
+        return mask.reshape(-1).nonzero().squeeze(-1), features
+    positions = torch.cat([mask.reshape(-1).nonzero().squeeze(-1) for mask, _ in media])
+    features = torch.cat([features.to(media[0][1].device) for _, features in media])
+    order = positions.argsort()
+    return positions[order], features[order.to(features.device)]
 
 
 def _join_rows(parts: list[torch.Tensor], received: list, joined: tuple | None) -> torch.Tensor:

@@ -45,3 +45,44 @@ def two_image_prompts_batch(processor=None):
     return processor(
         images=[picture(50, 30), picture(70, 90, "green", 1)], text=texts, return_tensors="pt", padding=True
     )
+
+
+def clip(frames: int = 3, size: int = 40, seed: int = 0):
+    """A synthetic video: `frames` RGB frames (frames, size, size, 3) of a square moving right on noise."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    video = rng.randint(0, 80, (frames, size, size, 3), dtype=np.uint8)
+    for index in range(frames):
+        left = index * (size // 2) // max(1, frames - 1)
+        video[index, size // 4 : size // 4 + size // 3, left : left + size // 3] = (220, 40, 40)
+    return video
+
+
+def video_prompt(processor, question: str, images: int = 0, videos: int = 1) -> str:
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def video_batch(processor=None, frames: int = 3, question: str = "Where does the square move?"):
+    processor = processor or tiny_processor()
+    return processor(videos=[clip(frames)], text=video_prompt(processor, question), return_tensors="pt")
+
+
+def mixed_media_batch(processor=None):
+    """Four samples, left padded: an image, a video (4 frames), text only, and an image with a video."""
+    processor = processor or tiny_processor()
+    processor.tokenizer.padding_side = "left"
+    texts = [
+        prompt(processor, "What color is the circle?", 1),
+        video_prompt(processor, "Where does the square move?"),
+        prompt(processor, "Count to three.", 0),
+        video_prompt(processor, "Is the circle in the video?", images=1),
+    ]
+    return processor(
+        images=[picture(50, 30), picture(40, 70, "green", 1)],
+        videos=[clip(4), clip(4, seed=1)],
+        text=texts,
+        return_tensors="pt",
+        padding=True,
+    )

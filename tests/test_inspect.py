@@ -182,6 +182,17 @@ def test_inspect_command_on_a_saved_checkpoint(saved_tiny, tmp_path, capsys):
         assert image.format == "PNG"
 
 
+@pytest.mark.parametrize("manager_type", ["bridge", "tower"])
+def test_inspect_reads_bridge_and_tower_checkpoints(manager_type, tmp_path, capsys):
+    """From config.json and the Manager tensors alone: the same table as the model in memory."""
+    model = patched(ManagerConfig(manager_type=manager_type, llm_layers=[0, 2]))
+    model.save_pretrained(tmp_path / "ckpt")
+    tiny_processor(model.config).save_pretrained(tmp_path / "ckpt")
+    assert main(["inspect", str(tmp_path / "ckpt"), "--out", str(tmp_path / "w.png")]) == 0
+    assert format_table(manager_weights(model)) in capsys.readouterr().out
+    assert (tmp_path / "w.png").is_file()
+
+
 @pytest.fixture
 def converted(tmp_path, monkeypatch):
     """Original-format oracle checkpoints (static and adaptive), and their `llava-manager convert` output."""

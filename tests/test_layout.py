@@ -26,10 +26,11 @@ def _layer0_delta(config, batch):
     return (seen["after"] - seen["before"]).abs().sum(-1), model
 
 
+@pytest.mark.parametrize("manager_type", ["static", "bridge", "tower"])  # tower: LayerNorm must not reach them
 @pytest.mark.parametrize("grid", ["all", "base", "grid"])
-def test_grid_types_touch_exactly_their_tokens(grid):
+def test_grid_types_touch_exactly_their_tokens(grid, manager_type):
     batch = single_image_batch(size=(50, 30))
-    delta, model = _layer0_delta(ManagerConfig(grid=grid, llm_layers=[0, 2]), batch)
+    delta, model = _layer0_delta(ManagerConfig(manager_type, grid=grid, llm_layers=[0, 2]), batch)
     image_positions = (batch["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1)
     first = image_positions[0].item()
     expected = torch.zeros_like(delta[0], dtype=torch.bool)
