@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .chat_format import user_prompt
-from .errors import ImageError, ManagerError, RequestError  # noqa: F401  (ImageError: re-exported)
+from .errors import ImageError, ManagerError, RequestError, VideoError  # noqa: F401  (ImageError: re-exported)
 
 logger = logging.getLogger("llava_manager.chat")
 
@@ -44,14 +44,65 @@ def load_images(paths: list[str | os.PathLike]) -> list:
     return images
 
 
-def build_prompt(processor, num_images: int, question: str) -> str:
-    """The generation prompt for one user turn with `num_images` images (images first, as LLaVA-OV trains).
+VIDEO_FRAMES = 32  # LLaVA-OV's video evaluation (lmms-eval's llava_onevision model) samples 32 frames
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_video(path: str | os.PathLike, num_frames: int = VIDEO_FRAMES):
+    """`(F, H, W, 3)` uint8 frames, `F = min(num_frames, frames available)` sampled uniformly over the video.
+
+    `path` is a video file (decoded by transformers' `load_video` with PyAV) or a folder of frame images (sorted by
+    name). Raises `VideoError` naming the path when it is missing, empty or cannot be decoded."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise VideoError(f"video {str(path)!r} does not exist; check the path")
+    if num_frames < 1:
+        raise VideoError(f"num_frames {num_frames}: sample at least one frame")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise VideoError(f"video folder {str(path)!r} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
+        picks = sorted(set(np.linspace(0, len(files) - 1, min(num_frames, len(files))).round().astype(int)))
+        try:
+            return np.stack([np.asarray(image) for image in load_images([files[i] for i in picks])])
+        except ImageError as error:
+            raise VideoError(f"video folder {str(path)!r}: {error}") from None
+        except ValueError:
+            raise VideoError(f"video folder {str(path)!r}: its frames differ in size") from None
+    try:
+        import av  # noqa: F401  (transformers' default video decoder)
+    except ImportError:
+        raise VideoError(
+            f"decoding {str(path)!r} needs PyAV: pip install 'llava-manager[video]' (or pip install av), or pass a "
+            "folder of frame images"
+        ) from None
+    from transformers.video_utils import load_video as transformers_load_video
+
+    def uniform(metadata, **_kwargs):
+        total = int(metadata.total_num_frames)
+        return np.unique(np.linspace(0, total - 1, min(num_frames, total)).round().astype(int))
+
+    try:
+        frames, _metadata = transformers_load_video(str(path), sample_indices_fn=uniform)
+    except Exception as error:  # PyAV raises its own error types for every kind of broken file
+        raise VideoError(f"cannot decode video {str(path)!r}: {error}") from None
+    if len(frames) == 0:
+        raise VideoError(f"video {str(path)!r} has no frames")
+    return np.asarray(frames)
+
+
+def build_prompt(processor, num_images: int, question: str, num_videos: int = 0) -> str:
+    """The generation prompt for one user turn with `num_images` images and `num_videos` videos (media first, as
+    LLaVA-OV trains; videos after images, as its chat template orders them).
 
     Uses the processor's chat template; without one, Qwen ChatML with the default system message."""
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)]
+    content.append({"type": "text", "text": question})
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return user_prompt(question, num_images)
+    return user_prompt(question, num_images, num_videos=num_videos)
 
 
 def check_request(question: str, *, temperature: float = 0.0, max_new_tokens: int = 1) -> None:
@@ -125,8 +176,10 @@ def ask(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     stream: bool = False,
+    videos: list | None = None,
 ) -> str:
-    """Answer `question` about `images` (PIL images). With `stream=True` the answer is printed as it is generated.
+    """Answer `question` about `images` (PIL images) and `videos` (frame arrays, see `load_video`). With
+    `stream=True` the answer is printed as it is generated.
 
     Args:
         model: a LLaVA-OV model (patched or not), in eval mode.
@@ -136,6 +189,7 @@ def ask(
         max_new_tokens (`int`, *optional*, defaults to 128): answer length limit.
         temperature (`float`, *optional*, defaults to 0.0): 0 = greedy; above 0 = sampling at that temperature.
         stream (`bool`, *optional*, defaults to `False`): print tokens to stdout as they come.
+        videos (`list[numpy.ndarray]`, *optional*): `(F, H, W, 3)` frames per video.
 
     Returns:
         `str`: the answer, without the prompt and special tokens.
@@ -146,9 +200,13 @@ def ask(
             cut to fit, with a warning.
     """
     check_request(question, temperature=temperature, max_new_tokens=max_new_tokens)
-    prompt = build_prompt(processor, len(images), question)
+    videos = list(videos or [])
+    if videos and getattr(processor, "video_processor", None) is None:
+        raise RequestError("this processor has no video processor (it needs torchvision): pip install torchvision")
+    prompt = build_prompt(processor, len(images), question, num_videos=len(videos))
     # floating tensors (pixel_values) follow the model's dtype, e.g. bf16 checkpoints
-    inputs = processor(images=images or None, text=prompt, return_tensors="pt").to(model.device, dtype=model.dtype)
+    inputs = processor(images=images or None, videos=videos or None, text=prompt, return_tensors="pt")
+    inputs = inputs.to(model.device, dtype=model.dtype)
     max_new_tokens = fit_answer_length(inputs["input_ids"].shape[1], max_new_tokens, context_limit(model))
     kwargs = _generation_kwargs(model, processor, max_new_tokens, temperature)
     if stream:

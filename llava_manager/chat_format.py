@@ -24,10 +24,10 @@ def turn(role: str, text: str) -> str:
     return f"{header(role)}{text}{IM_END}\n"
 
 
-def user_prompt(question: str, num_images: int = 0, system: str = SYSTEM_PROMPT) -> str:
-    """The generation prompt for one user turn with `num_images` images, images first."""
-    images = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in range(num_images))
-    return turn("system", system) + turn("user", images + question) + header("assistant")
+def user_prompt(question: str, num_images: int = 0, system: str = SYSTEM_PROMPT, num_videos: int = 0) -> str:
+    """The generation prompt for one user turn with `num_images` images and `num_videos` videos, media first."""
+    media = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in range(num_images)) + "<video>\n" * num_videos
+    return turn("system", system) + turn("user", media + question) + header("assistant")
 
 
 # The same format as a Jinja chat template, for tokenizers and processors (`apply_chat_template`).

@@ -25,6 +25,10 @@ class ImageError(ManagerError):
     """An image that does not exist or cannot be decoded (the message names the file)."""
 
 
+class VideoError(ManagerError):
+    """A video (file or folder of frames) that does not exist or cannot be decoded (the message names it)."""
+
+
 class RecipeError(ManagerError):
     """A recipe key that is unknown, missing or has a bad value (the message names the key)."""
 

@@ -14,6 +14,7 @@ EXTRA_MODULES = {
     "eval": ("lmms_eval", "accelerate"),
     "plot": ("matplotlib",),
     "vision": ("torchvision",),
+    "video": ("torchvision", "av"),
 }
 
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 # PyYAML is left out: huggingface_hub needs it, so every install has it
-EXTRA_ONLY_MODULES = ("deepspeed", "peft", "accelerate", "matplotlib", "lmms_eval", "torchvision")
+EXTRA_ONLY_MODULES = ("deepspeed", "peft", "accelerate", "matplotlib", "lmms_eval", "torchvision", "av")
 
 
 def block_extras() -> None:

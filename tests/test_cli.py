@@ -62,7 +62,7 @@ def test_every_subcommand_is_registered():
 @pytest.mark.parametrize(
     "command, words",
     [
-        ("chat", ["--image", "--max-new-tokens", "--temperature", "Hub", "examples"]),
+        ("chat", ["--image", "--video", "--frames", "--max-new-tokens", "--temperature", "Hub", "examples"]),
         ("inspect", ["--out", "mean |w|", "adaptive", "tower", "bridge", "examples"]),
         ("build", ["--vision", "--llm", "SigLIP", "image_newline", "stage1", "--seed", "examples"]),
         ("demo", ["--compare", "--steps", "DeepSpeed", "held-out", "--output-dir"]),

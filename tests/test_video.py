@@ -214,3 +214,105 @@ def test_generate_with_video(config_name):
     assert greedy[0, batch["input_ids"].shape[1]] == logits(model, batch)[0, -1].argmax()
     beams = model.generate(**batch, max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
     assert beams.shape[0] == 2
+
+
+# ---- video files and frame folders: chat --video --------------------------------------------------------------
+def write_mp4(path, video):
+    """Encode `video` (F, H, W, 3) uint8 as an MP4 with PyAV (lossy: decoded frames differ slightly)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height = video.shape[2], video.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_patched(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("video-model") / "model"
+    model = patch_llava(tiny_model(), CONFIGS["static"])
+    randomise(model.model.manager)
+    model.save_pretrained(folder)
+    tiny_processor(model.config).save_pretrained(folder)
+    return folder
+
+
+def test_load_video_samples_frames_uniformly_from_files_and_folders(tmp_path):
+    import numpy as np
+
+    from llava_manager.chat import load_video
+
+    video = np.stack([np.full((48, 48, 3), 20 + 25 * i, dtype=np.uint8) for i in range(8)])  # frame i: grey 20+25i
+    decoded = load_video(write_mp4(tmp_path / "clip.mp4", video), num_frames=4)
+    assert decoded.shape == (4, 48, 48, 3) and decoded.dtype.name == "uint8"
+    levels = (decoded.reshape(4, -1).mean(-1) - 20) / 25  # which frame each decoded one is (lossy: about)
+    assert np.abs(levels - [0, 2, 5, 7]).max() < 0.3  # uniform over 0..7: 0, 2.33, 4.67, 7, rounded
+    assert load_video(tmp_path / "clip.mp4", num_frames=32).shape[0] == 8  # never more frames than the video has
+
+    from PIL import Image
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, frame in enumerate(video):
+        Image.fromarray(frame).save(folder / f"frame-{index:03d}.png")
+    assert (load_video(folder, num_frames=3) == video[[0, 4, 7]]).all()  # lossless: the very frames
+
+
+def test_chat_answers_about_a_video(saved_patched, tmp_path, capsys):
+    from llava_manager.cli import main
+
+    video = clip(6)
+    path = write_mp4(tmp_path / "clip.mp4", video)
+    command = ["chat", str(saved_patched), "--video", str(path), "--frames", "4", "--max-new-tokens", "4"]
+    assert main([*command, "--no-stream", "Where does the square move?"]) == 0
+    answer = capsys.readouterr().out.strip()
+    # by hand: the decoded frames, the saved processor's chat template, greedy generate
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llava_manager.chat import load_video
+
+    model = AutoModelForImageTextToText.from_pretrained(saved_patched).eval()
+    processor = AutoProcessor.from_pretrained(saved_patched)
+    inputs = processor(
+        videos=[load_video(path, 4)],
+        text=video_prompt(processor, "Where does the square move?"),
+        return_tensors="pt",
+    )
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 4 * 4 + 1
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert answer == expected
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "missing.mp4", "does not exist"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "holds no frame images"),
+        (lambda tmp: (tmp / "bad.mp4").write_bytes(b"not a video") and tmp / "bad.mp4", "cannot decode video"),
+    ],
+)
+def test_chat_refuses_a_bad_video_before_loading_the_model(make, message, saved_patched, tmp_path, capsys):
+    from llava_manager.cli import main
+
+    path = make(tmp_path)
+    assert main(["chat", str(saved_patched), "--video", str(path), "What happens?"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("llava-manager chat: error:")
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5])
+def test_the_processor_counts_the_video_tokens_the_model_fills(frames):
+    processor = tiny_processor()
+    model = patch_llava(tiny_model(), CONFIGS["static"])
+    batch = video_batch(processor, frames=frames)
+    with torch.no_grad():
+        output = model.model.get_video_features(batch["pixel_values_videos"])
+    tokens = int((batch["input_ids"] == model.config.video_token_id).sum())
+    assert tokens == frames * 4 + 1 == output.deepstack_features[0][0].shape[0]
+    logits(model, batch)  # and the forward accepts them

@@ -9,6 +9,7 @@ EPILOG = """examples:
   llava-manager chat outputs/demo/manager --image outputs/demo/data/images/heldout-0000.png "What color is the shape?"
   llava-manager chat LooperXX/LLaVA-OV-Manager --subfolder "Baseline + Grid + Manager" --image cat.jpg "What is this?"
   llava-manager chat ./converted --image a.png --image b.png "What differs between the two images?"
+  llava-manager chat outputs/my-model --video clip.mp4 --frames 32 "What happens in the video?"
 
 MODEL is anything llava_manager.from_pretrained loads: a folder in HF format (written by `llava-manager
 train`, `convert` or save_pretrained), an original-format LLaVA-OV(-Manager) folder (converted on the fly
@@ -36,6 +37,16 @@ def register(subparsers) -> None:
         metavar="PATH",
         help="image file (PNG, JPEG, ...); repeat for several images; none = a text-only question",
     )
+    parser.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="video file (decoded with PyAV) or folder of frame images; goes after the images; repeatable",
+    )
+    parser.add_argument(
+        "--frames", type=int, default=32, help="frames sampled uniformly from each video (default 32, as LLaVA-OV)"
+    )
     parser.add_argument("--subfolder", default=None, help='folder inside MODEL, e.g. "Baseline + Grid + Manager"')
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
     parser.add_argument(
@@ -53,7 +64,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..chat import ask, load_images
+    from ..chat import ask, load_images, load_video
     from ..errors import CommandError
     from ._common import check_model_argument, load_model, quiet_transformers
 
@@ -63,10 +74,15 @@ def run(args) -> int:
         raise CommandError(f"--temperature {args.temperature}: use 0 (greedy) or a positive finite number")
     if not args.question.strip():
         raise CommandError(f"the question is empty ({args.question!r}): ask something")
-    if "<image>" in args.question:
-        raise CommandError("leave <image> out of the question: pass each image with --image, they go first")
+    if "<image>" in args.question or "<video>" in args.question:
+        raise CommandError(
+            "leave <image> / <video> out of the question: pass each with --image / --video, they go first"
+        )
+    if args.frames < 1:
+        raise CommandError(f"--frames {args.frames}: sample 1 or more frames")
     check_model_argument(args.model)
     images = load_images(args.image)  # missing or unreadable images fail here, before the model loads
+    videos = [load_video(path, args.frames) for path in args.video]
     quiet_transformers(args.debug)
     model, processor = load_model(args.model, args.subfolder, args.debug)
     if args.seed is not None:
@@ -81,6 +97,7 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         stream=not args.no_stream,
+        videos=videos,
     )
     if args.no_stream:
         print(answer)
