@@ -112,18 +112,19 @@ def _hand_layer_features(vanilla, manager_stack, batch, vision_layers):
     return torch.stack(per_layer, dim=1)
 
 
-def _vanilla_with_hand_deltas(vanilla, batch, deltas):
-    """Run the unpatched model with `deltas[llm_layer]` (T, D) added at the image tokens before those layers."""
-    image_rows = batch["input_ids"][0] == vanilla.config.image_token_id
+def run_with_deltas(vanilla, batch, token_id, delta_of_layer):
+    """The unpatched model with `delta_of_layer[k](hidden at the tokens, whole hidden)` added at `token_id` (sample 0)
+    before decoder layer k."""
+    rows = batch["input_ids"][0] == token_id
     handles = []
-    for llm_layer, delta in deltas.items():
+    for layer, delta_fn in delta_of_layer.items():
 
-        def add(module, args, kwargs, delta=delta):
+        def add(module, args, kwargs, delta_fn=delta_fn):
             hidden = args[0].clone()
-            hidden[0, image_rows] += delta
+            hidden[0, rows] += delta_fn(hidden[0, rows], hidden[0])
             return (hidden, *args[1:]), kwargs
 
-        handles.append(vanilla.model.language_model.layers[llm_layer].register_forward_pre_hook(add, with_kwargs=True))
+        handles.append(vanilla.model.language_model.layers[layer].register_forward_pre_hook(add, with_kwargs=True))
     try:
         return logits(vanilla, batch)
     finally:
@@ -150,7 +151,9 @@ def test_the_patched_forward_equals_the_formula_by_hand(manager_type):
                 deltas[llm_layer] = features[:, layer] * manager.layer_scale
             else:
                 deltas[llm_layer] = tower_by_hand(manager, features)
-        expected = _vanilla_with_hand_deltas(vanilla, batch, deltas)
+        expected = run_with_deltas(
+            vanilla, batch, vanilla.config.image_token_id, {k: lambda at, whole, d=d: d for k, d in deltas.items()}
+        )
     got = logits(model, batch)
     assert (got - logits(vanilla, batch)).abs().max() > 1e-3  # the Managers do act
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

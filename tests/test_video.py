@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from inputs import clip, mixed_media_batch, single_image_batch, text_only_batch, video_batch, video_prompt
-from test_aggregators import randomise
+from test_aggregators import randomise, run_with_deltas
 from test_patch import logits
 
 from llava_manager import ManagerConfig, patch_llava
@@ -58,25 +58,6 @@ def _instruction_by_hand(input_ids, video_id, im_start_id):
     return list(range(last_video + 2, third_start - 2))
 
 
-def _run_with_deltas(vanilla, batch, token_id, delta_of_layer):
-    """The unpatched model with `delta_of_layer[k](hidden at the tokens, hidden)` added at `token_id` before layer k."""
-    rows = batch["input_ids"][0] == token_id
-    handles = []
-    for layer, delta_fn in delta_of_layer.items():
-
-        def add(module, args, kwargs, delta_fn=delta_fn):
-            hidden = args[0].clone()
-            hidden[0, rows] += delta_fn(hidden[0, rows], hidden[0])
-            return (hidden, *args[1:]), kwargs
-
-        handles.append(vanilla.model.language_model.layers[layer].register_forward_pre_hook(add, with_kwargs=True))
-    try:
-        return logits(vanilla, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @pytest.mark.parametrize("config_name", ["static", "adaptive_cross", "tower"])
 def test_llm_injection_on_video_equals_the_computation_by_hand(config_name):
     batch = video_batch(frames=3)
@@ -115,7 +96,7 @@ def test_llm_injection_on_video_equals_the_computation_by_hand(config_name):
                     return m(features, context)
 
                 deltas[layer] = adaptive
-        expected = _run_with_deltas(vanilla, batch, video_id, deltas)
+        expected = run_with_deltas(vanilla, batch, video_id, deltas)
     got = logits(model, batch)
     assert (got - logits(vanilla, batch)).abs().max() > 1e-3  # the Managers act on the video tokens
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

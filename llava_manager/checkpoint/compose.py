@@ -239,24 +239,20 @@ def _expert_weights(vision_model, llm_model, vision_layers: int) -> dict:
 
 
 def _new_weights(model, seed: int) -> dict:
-    """The new projector (PyTorch's default Linear initialisation) and image_newline (N(0, 1/D)), seeded."""
+    """The new projector (PyTorch's default Linear initialisation, as LLaVA-NeXT builds it) and image_newline
+    (N(0, 1/D)), seeded."""
     import torch
     from torch import nn
 
-    generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, module in model.model.multi_modal_projector.named_children():
-        if isinstance(module, nn.Linear):
-            fan_in = module.in_features
-            bound = 1 / math.sqrt(
-                fan_in
-            )  # kaiming_uniform_(a=sqrt(5)) and the bias rule of nn.Linear.reset_parameters
-            weight = (torch.rand(module.weight.shape, generator=generator) * 2 - 1) * bound
-            state[f"model.multi_modal_projector.{name}.weight"] = weight
-            if module.bias is not None:
-                state[f"model.multi_modal_projector.{name}.bias"] = (
-                    torch.rand(module.bias.shape, generator=generator) * 2 - 1
-                ) * bound
-    width = model.config.text_config.hidden_size
-    state["model.image_newline"] = torch.randn(width, generator=generator) / math.sqrt(width)
+    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's random state untouched
+        torch.manual_seed(seed)
+        for name, module in model.model.multi_modal_projector.named_children():
+            if isinstance(module, nn.Linear):
+                fresh = nn.Linear(
+                    module.in_features, module.out_features, bias=module.bias is not None
+                )  # reset_parameters
+                state.update({f"model.multi_modal_projector.{name}.{k}": v for k, v in fresh.state_dict().items()})
+        width = model.config.text_config.hidden_size
+        state["model.image_newline"] = torch.randn(width) / math.sqrt(width)
     return state
