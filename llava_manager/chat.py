@@ -10,87 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from pathlib import Path
 
 import torch
 
 from .chat_format import user_prompt
 from .errors import ImageError, ManagerError, RequestError, VideoError  # noqa: F401  (ImageError: re-exported)
+from .media import VIDEO_FRAMES, load_images, load_video  # noqa: F401  (re-exported: chat.load_images, ...)
 
 logger = logging.getLogger("llava_manager.chat")
-
-
-def load_images(paths: list[str | os.PathLike]) -> list:
-    """Open every image as RGB; raises `ImageError` naming the first missing or unreadable file."""
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in paths:
-        path = Path(path)
-        if not path.exists():
-            raise ImageError(f"image {str(path)!r} does not exist; check the path")
-        if not path.is_file():
-            raise ImageError(f"image {str(path)!r} is not a file")
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except UnidentifiedImageError:
-            raise ImageError(
-                f"cannot read image {str(path)!r}: not an image format PIL knows (PNG, JPEG, ...)"
-            ) from None
-        except (OSError, ValueError, SyntaxError) as error:
-            raise ImageError(f"cannot read image {str(path)!r}: {error} (truncated or corrupt file?)") from None
-    return images
-
-
-VIDEO_FRAMES = 32  # LLaVA-OV's video evaluation (lmms-eval's llava_onevision model) samples 32 frames
-FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def load_video(path: str | os.PathLike, num_frames: int = VIDEO_FRAMES):
-    """`(F, H, W, 3)` uint8 frames, `F = min(num_frames, frames available)` sampled uniformly over the video.
-
-    `path` is a video file (decoded by transformers' `load_video` with PyAV) or a folder of frame images (sorted by
-    name). Raises `VideoError` naming the path when it is missing, empty or cannot be decoded."""
-    import numpy as np
-
-    path = Path(path)
-    if not path.exists():
-        raise VideoError(f"video {str(path)!r} does not exist; check the path")
-    if num_frames < 1:
-        raise VideoError(f"num_frames {num_frames}: sample at least one frame")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
-        if not files:
-            raise VideoError(f"video folder {str(path)!r} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
-        picks = sorted(set(np.linspace(0, len(files) - 1, min(num_frames, len(files))).round().astype(int)))
-        try:
-            return np.stack([np.asarray(image) for image in load_images([files[i] for i in picks])])
-        except ImageError as error:
-            raise VideoError(f"video folder {str(path)!r}: {error}") from None
-        except ValueError:
-            raise VideoError(f"video folder {str(path)!r}: its frames differ in size") from None
-    try:
-        import av  # noqa: F401  (transformers' default video decoder)
-    except ImportError:
-        raise VideoError(
-            f"decoding {str(path)!r} needs PyAV: pip install 'llava-manager[video]' (or pip install av), or pass a "
-            "folder of frame images"
-        ) from None
-    from transformers.video_utils import load_video as transformers_load_video
-
-    def uniform(metadata, **_kwargs):
-        total = int(metadata.total_num_frames)
-        return np.unique(np.linspace(0, total - 1, min(num_frames, total)).round().astype(int))
-
-    try:
-        frames, _metadata = transformers_load_video(str(path), sample_indices_fn=uniform)
-    except Exception as error:  # PyAV raises its own error types for every kind of broken file
-        raise VideoError(f"cannot decode video {str(path)!r}: {error}") from None
-    if len(frames) == 0:
-        raise VideoError(f"video {str(path)!r} has no frames")
-    return np.asarray(frames)
 
 
 def build_prompt(processor, num_images: int, question: str, num_videos: int = 0) -> str:
@@ -218,12 +145,12 @@ def ask(
     return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def ask_batch(
-    model, processor, items: list[tuple[list, str]], *, max_new_tokens: int = 8, batch_size: int = 16
-) -> list[str]:
-    """Greedy answers to many `(images, question)` items, `batch_size` at a time (left padding). Checked as `ask`
-    checks (the longest prompt of a batch sets its answer length)."""
-    for _, question in items:
+def ask_batch(model, processor, items: list[tuple], *, max_new_tokens: int = 8, batch_size: int = 16) -> list[str]:
+    """Greedy answers to many `(images, question)` or `(images, question, videos)` items, `batch_size` at a time
+    (left padding; the videos of one batch must share a frame count). Checked as `ask` checks (the longest prompt
+    of a batch sets its answer length)."""
+    items = [(item[0], item[1], item[2] if len(item) > 2 else []) for item in items]
+    for _, question, _ in items:
         check_request(question, max_new_tokens=max_new_tokens)
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
@@ -232,9 +159,14 @@ def ask_batch(
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            prompts = [build_prompt(processor, len(images), question) for images, question in chunk]
-            images = [image for item_images, _ in chunk for image in item_images]
-            inputs = processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
+            prompts = [
+                build_prompt(processor, len(images), question, len(videos)) for images, question, videos in chunk
+            ]
+            images = [image for item_images, _, _ in chunk for image in item_images]
+            videos = [video for _, _, item_videos in chunk for video in item_videos]
+            inputs = processor(
+                images=images or None, videos=videos or None, text=prompts, return_tensors="pt", padding=True
+            )
             inputs = inputs.to(model.device, dtype=model.dtype)
             what = f"the longest prompt of items {start}..{start + len(chunk) - 1}"
             length = fit_answer_length(inputs["input_ids"].shape[1], max_new_tokens, context_limit(model), what)

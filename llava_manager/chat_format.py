@@ -12,6 +12,7 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 
 
 def header(role: str) -> str:
@@ -26,7 +27,7 @@ def turn(role: str, text: str) -> str:
 
 def user_prompt(question: str, num_images: int = 0, system: str = SYSTEM_PROMPT, num_videos: int = 0) -> str:
     """The generation prompt for one user turn with `num_images` images and `num_videos` videos, media first."""
-    media = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in range(num_images)) + "<video>\n" * num_videos
+    media = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in range(num_images)) + f"{VIDEO_PLACEHOLDER}\n" * num_videos
     return turn("system", system) + turn("user", media + question) + header("assistant")
 
 

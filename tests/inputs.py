@@ -86,3 +86,17 @@ def mixed_media_batch(processor=None):
         return_tensors="pt",
         padding=True,
     )
+
+
+def write_mp4(path, video):
+    """Encode `video` (F, H, W, 3) uint8 as an MP4 with PyAV (lossy: decoded frames differ slightly)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height = video.shape[2], video.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path

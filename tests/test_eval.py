@@ -22,6 +22,7 @@ from llava_manager.eval.prompt import build_prompt, get_template, with_image_pla
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_TASK = ROOT / "tests" / "fixtures" / "eval_task"
+VIDEO_TASK = FIXTURE_TASK / "clips"
 PATCHES = ROOT / "patches" / "lmms_eval"
 
 needs_lmms_eval = pytest.mark.skipif(
@@ -181,8 +182,8 @@ def test_answers_are_cut_to_the_context_counted_and_an_over_long_prompt_is_an_er
     lengths = []  # each batch's prompt length, images included, as the model sees it
     make_inputs = lm._inputs
 
-    def recording_inputs(prompts, images):
-        inputs = make_inputs(prompts, images)
+    def recording_inputs(prompts, images, videos=None):
+        inputs = make_inputs(prompts, images, videos)
         lengths.append(int(inputs["attention_mask"].sum(dim=1).max()))
         return inputs
 
@@ -198,6 +199,86 @@ def test_answers_are_cut_to_the_context_counted_and_an_over_long_prompt_is_an_er
     monkeypatch.setattr(lm.model.config.text_config, "max_position_embeddings", min(lengths))
     with pytest.raises(RequestError, match=r"the prompt of tiny doc \d+ is \d+ tokens \(images included\)"):
         lm.generate_until(_fixture_requests(docs, kwargs))
+
+
+@needs_lmms_eval
+def test_video_docs_answer_as_generate_does_on_the_frames_lmms_eval_samples(tiny_manager_dir):
+    """Video paths (MP4 and a frame folder; one doc with an image too) and `sample_frames` frame lists: the answer
+    equals generate() on a prompt written out here and frames picked with lmms-eval's llava_onevision rule."""
+    import numpy as np
+    import torch
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from llava_manager.eval.model import LlavaManager
+    from llava_manager.media import load_video
+
+    pytest.importorskip("av")
+    docs = json.loads((VIDEO_TASK / "questions.json").read_text())
+    lm = LlavaManager(pretrained=str(tiny_manager_dir), batch_size=2, max_frames_num=4)
+    lm.task_dict = {"clips": {"test": docs}, "frames": {"test": docs}}
+    kwargs = {"max_new_tokens": 5, "until": ["\n\n"], "do_sample": False}
+    sys.path.insert(0, str(VIDEO_TASK))
+    try:
+        from utils import doc_to_visual
+    finally:
+        sys.path.remove(str(VIDEO_TASK))
+
+    def as_frames(doc):  # a "sample_frames" task: the clip's every frame as an image
+        return [Image.fromarray(frame) for frame in load_video(VIDEO_TASK / doc["video"], num_frames=1000)]
+
+    requests = [
+        Instance("generate_until", (doc["question"], dict(kwargs), visual, index, task, "test"), idx=0, metadata=meta)
+        for task, visual, extra in (("clips", doc_to_visual, {}), ("frames", as_frames, {"task_type": "video", "sample_frames": 3}))
+        for index, doc in enumerate(docs)
+        for meta in [{"task": task, "doc_id": index, "repeats": 1, **extra}]
+    ]  # fmt: skip
+    answers = [result.text for result in lm.generate_until(requests)]
+
+    processor, model = lm.processor, lm.model
+    for request, answer in zip(requests, answers):
+        question, _, _, index, task, _ = request.args
+        doc = docs[index]
+        every = load_video(VIDEO_TASK / doc["video"], num_frames=1000)  # all frames, in order
+        count = 4 if task == "clips" else 3
+        video = every[np.linspace(0, len(every) - 1, count, dtype=int)]  # lmms-eval: exact count, truncated
+        image = [Image.open(VIDEO_TASK / doc["image"]).convert("RGB")] if doc.get("image") and task == "clips" else []
+        seen_images, seen_videos = lm._visuals(request.args[2], task, "test", index, request.metadata)
+        assert len(seen_images) == len(image) and len(seen_videos) == 1
+        assert np.array_equal(seen_videos[0], video), (task, index)  # the very frames lmms-eval would pick
+        media = "<image> <video>" if image else "<video>"
+        prompt = SYSTEM_TURN + f"<|im_start|>user\n{media}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        inputs = processor(text=[prompt], images=image or None, videos=[video], return_tensors="pt")
+        assert inputs["pixel_values_videos"].shape[1] == count
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=5,
+                do_sample=False,
+                eos_token_id=lm._eos_token_ids,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
+        expected = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert answer == expected.strip(), (task, index)
+    assert any(answers), "the tiny model should say something"
+
+
+@needs_lmms_eval
+def test_an_unreadable_video_names_the_document(tiny_manager_dir, tmp_path):
+    from lmms_eval.api.instance import Instance
+
+    from llava_manager.errors import VideoError
+    from llava_manager.eval.model import LlavaManager
+
+    (tmp_path / "broken.mp4").write_bytes(b"no video here")
+    lm = LlavaManager(pretrained=str(tiny_manager_dir))
+    lm.task_dict = {"clips": {"test": [{"q": "Q"}]}}
+    args = ("Q", {"max_new_tokens": 2}, lambda doc: [str(tmp_path / "broken.mp4")], 0, "clips", "test")
+    request = Instance("generate_until", args, idx=0, metadata={"task": "clips", "doc_id": 0, "repeats": 1})
+    with pytest.raises(VideoError, match=r"clips doc 0: cannot decode video .*broken\.mp4"):
+        lm.generate_until([request])
+    with pytest.raises(ValueError, match="max_frames_num must be >= 1"):
+        LlavaManager(pretrained=str(tiny_manager_dir), max_frames_num=0)
 
 
 @needs_lmms_eval
@@ -243,7 +324,7 @@ def test_lmms_eval_cli_end_to_end_offline(tiny_manager_dir, tmp_path):
         sys.executable, "-m", "llava_manager.eval",
         "--model", "llava_manager",
         "--model_args", f"pretrained={tiny_manager_dir},conv_template=qwen_1_5,model_name=llava_qwen_manager,log_every=1",
-        "--tasks", "tiny_shapes",
+        "--tasks", "tiny_shapes,tiny_clips",
         "--include_path", str(FIXTURE_TASK),
         "--batch_size", "2",
         "--output_path", str(output),
@@ -277,6 +358,16 @@ def test_lmms_eval_cli_end_to_end_offline(tiny_manager_dir, tmp_path):
     assert prompts["0"].startswith(SYSTEM_TURN + "<|im_start|>user\n<image>\nWhat color is the circle?")
     assert "<|im_start|>user\n<image> <image>\nHow many images are there?" in prompts["2"]
     assert "<image>" not in prompts["3"] and prompts["3"].startswith(SYSTEM_TURN)
+
+    # the video task: 3 docs answered, `<video>` placeholders (after the image of doc 2)
+    assert report["n-samples"]["tiny_clips"]["effective"] == 3
+    assert 0.0 <= report["results"]["tiny_clips"]["exact_match,none"] <= 1.0
+    clips = dict(
+        re.findall(r"Prompt for tiny_clips doc (\d+):\n(.*?<\|im_start\|>assistant\n)", plain, flags=re.DOTALL)
+    )
+    assert set(clips) == {"0", "1", "2"}, plain[-3000:]
+    assert clips["0"].startswith(SYSTEM_TURN + "<|im_start|>user\n<video>\nWhich way does the square move")
+    assert "<|im_start|>user\n<image> <video>\nIs the square" in clips["2"]
 
 
 # ---- patches/lmms_eval: the paper-protocol task overrides ------------------------------------------
@@ -331,4 +422,4 @@ def test_include_path_indexes_the_overrides_and_the_fixture():
     from lmms_eval.tasks import TaskManager
 
     manager = TaskManager("WARNING", include_path=[str(PATCHES), str(FIXTURE_TASK)], include_defaults=False)
-    assert {"mmmu_val_paper", "mathvista_testmini_paper", "tiny_shapes"} <= set(manager.all_subtasks)
+    assert {"mmmu_val_paper", "mathvista_testmini_paper", "tiny_shapes", "tiny_clips"} <= set(manager.all_subtasks)

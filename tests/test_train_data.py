@@ -237,7 +237,7 @@ def test_mixture_sampling_strategies(tmp_path):
                 "video": "v.mp4",
                 "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "Red."}],
             },
-            r"id 'x5'.*video",
+            r"id 'x5'.*sets no video_folder",
         ),
         ({"id": "x6", "conversations": [{"from": "human", "value": "hi"}]}, r"id 'x6'.*no gpt turn"),
     ],

@@ -4,36 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import keep_torch_threads, tiny_recipe
+from train_helpers import ZERO3_PARTITIONED, eval_logits, keep_torch_threads, reload_trained, tiny_recipe
 
 from llava_manager.train.main import train
 
-# ZeRO-3 with a persistence threshold of 0, so even the tiny model's parameters are really partitioned
-ZERO3_PARTITIONED = ["--deepspeed", "zero3", "--deepspeed.zero_optimization.stage3_param_persistence_threshold", "0"]
-
 _threads = pytest.fixture(autouse=True)(keep_torch_threads)
-
-
-def _eval_logits(module, batch):
-    module.eval()
-    with torch.no_grad():
-        return module(**batch).logits
-
-
-def _reload(folder):
-    from transformers import AutoModelForImageTextToText
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    import llava_manager  # noqa: F401  (registers the patched model type)
-
-    unset_hf_deepspeed_config()  # otherwise from_pretrained would zero.Init (partition) the reloaded model
-    try:
-        from llava_manager import from_pretrained
-
-        model, _ = from_pretrained(str(folder))
-    except ImportError:
-        model = AutoModelForImageTextToText.from_pretrained(str(folder))
-    return model.eval()
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
@@ -49,10 +24,10 @@ def test_tiny_cpu_trains_and_reloads(tmp_path, zero):
     assert trainer.model_wrapped.zero_optimization_stage() == (2 if zero == "zero2" else 3)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])  # single, multi, text-only
     batch.pop("dropped_samples")
-    in_memory = _eval_logits(trainer.model_wrapped, batch)  # the engine gathers ZeRO-3 shards itself
-    reloaded = _reload(result.output_dir)
+    in_memory = eval_logits(trainer.model_wrapped, batch)  # the engine gathers ZeRO-3 shards itself
+    reloaded = reload_trained(result.output_dir)
     assert type(reloaded).__name__ == "LlavaOnevisionManagerForConditionalGeneration"
-    assert torch.equal(_eval_logits(reloaded, batch), in_memory)
+    assert torch.equal(eval_logits(reloaded, batch), in_memory)
     # the Managers were trained (they start at zero) and came back with the model
     scores = [p for n, p in reloaded.model.manager.named_parameters() if "layer_embedding" not in n]
     assert scores and all(p.abs().sum() > 0 for p in scores)
@@ -77,10 +52,10 @@ def test_bridge_and_tower_train_under_zero3_with_lora(tmp_path, manager_type):
     assert trainer.model_wrapped.zero_optimization_stage() == 3
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
     batch.pop("dropped_samples")
-    in_memory = _eval_logits(trainer.model_wrapped, batch)
-    reloaded = _reload(result.output_dir)
+    in_memory = eval_logits(trainer.model_wrapped, batch)
+    reloaded = reload_trained(result.output_dir)
     assert reloaded.config.manager["manager_type"] == manager_type
-    torch.testing.assert_close(_eval_logits(reloaded, batch), in_memory, atol=1e-4, rtol=1e-4)  # LoRA merged
+    torch.testing.assert_close(eval_logits(reloaded, batch), in_memory, atol=1e-4, rtol=1e-4)  # LoRA merged
     fresh = type(reloaded.model.manager)(reloaded.model.manager.config, reloaded.model.manager.managers[0].width)
     initial = dict(fresh.named_parameters())
     for name, parameter in reloaded.model.manager.named_parameters():  # every one moved from its initial value

@@ -1,5 +1,5 @@
-"""Two processes, ZeRO-3 (really partitioned), text-only / single-image / multi-image samples: no deadlock,
-and both ranks end with the same Manager weights."""
+"""Two processes, ZeRO-3 (really partitioned), text-only / single-image / multi-image (/ video) samples: no
+deadlock, and both ranks end with the same Manager weights."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ import os, sys, torch
 from llava_manager.train.collator import ManagerDataCollator
 
 text_only_steps = []  # per batch on this rank: True when it had no real image (the dummy image is used)
+video_steps = []  # per batch on this rank: True when it had a real video
 _collate = ManagerDataCollator.__call__
 
 
 def _recording(self, features):
     text_only_steps.append(all(f.get("pixel_values") is None for f in features))
+    video_steps.append(any(f.get("pixel_values_videos") is not None for f in features))
     return _collate(self, features)
 
 
@@ -42,15 +44,18 @@ assert all(p.numel() == 0 or hasattr(p, "ds_id") for p in params), "not ZeRO-3 p
 with deepspeed.zero.GatheredParameters(params):
     state = {name: p.detach().clone() for name, p in manager.named_parameters()}
 rank = int(os.environ["RANK"])
-torch.save({"manager": state, "text_only": text_only_steps, "losses": result.losses,
+torch.save({"manager": state, "text_only": text_only_steps, "video": video_steps, "losses": result.losses,
             "step": result.trainer.state.global_step},
            os.path.join(sys.argv[1], f"rank{rank}.pt"))
 """
 
 
 @pytest.mark.slow
-def test_two_process_zero3_mixed_batches(tmp_path):
-    data, images = shapes_data(tmp_path / "data", 12)
+@pytest.mark.parametrize("media", ["images", "video"])
+def test_two_process_zero3_mixed_batches(tmp_path, media):
+    kinds = ("single", "multi", "text") if media == "images" else ("single", "video", "text", "video")
+    data, images = shapes_data(tmp_path / "data", 12, kinds=kinds)
+    video_args = ["--video_folder", str(tmp_path / "data" / "videos"), "--frames_upbound", "3"]
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     out = tmp_path / "out"
@@ -85,6 +90,7 @@ def test_two_process_zero3_mixed_batches(tmp_path):
         "false",
         "--seed",
         "3",
+        *(video_args if media == "video" else []),
     ]
     env = {
         k: v
@@ -118,5 +124,8 @@ def test_two_process_zero3_mixed_batches(tmp_path):
     # some step had a text-only batch on one rank and images on the other: the case that deadlocks ZeRO-3
     steps = list(zip(ranks[0]["text_only"], ranks[1]["text_only"]))
     assert any(a != b for a, b in steps), steps
+    if media == "video":  # and some step had a video on one rank and none on the other (the dummy video's case)
+        videos = list(zip(ranks[0]["video"], ranks[1]["video"]))
+        assert any(a != b for a, b in videos), videos
     assert ranks[0]["step"] == ranks[1]["step"] == 6
     assert ranks[0]["losses"] and (out / "model.safetensors").is_file()

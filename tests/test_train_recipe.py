@@ -101,6 +101,28 @@ def test_stage_recipes_follow_the_paper(name):
         assert len(grid) == 36 and grid[0] == [384, 384] and grid[-1] == [2304, 2304]
 
 
+def test_the_video_recipe_is_the_onevision_stage_on_top_of_stage2_si():
+    """LLaVA-NeXT's finetune_ov.sh: 32 frames (force-sampled), max length 32768, the stage-2 rates; from stage2_si."""
+    recipe, stage2 = load_recipe("video"), load_recipe("stage2_si")
+    assert recipe.model_name_or_path == "outputs/stage2_si" and recipe.frames_upbound == 32
+    assert recipe.model_max_length == 32768 and recipe.video_folder and recipe.manager["video"] is True
+    assert recipe.train_parts == ALL_PARTS and recipe.learning_rates == LATE_LRS
+    changed = {k for k, v in recipe.to_dict().items() if stage2.to_dict()[k] != v}
+    assert changed == {
+        "model_name_or_path",
+        "manager",
+        "data_path",
+        "image_folder",
+        "video_folder",
+        "model_max_length",
+        "output_dir",
+    }
+    with pytest.raises(RecipeError, match="frames_upbound"):
+        load_recipe("video", ["--frames_upbound", "0"])
+    with pytest.raises(RecipeError, match="on_bad_video"):
+        load_recipe("video", ["--on_bad_video", "ignore"])
+
+
 def test_a_pinpoint_range_reads_as_the_original_does():
     """'(AxB)' is A crops across and B down, listed A outer, as LLaVA-NeXT's mm_utils reads it; a recipe and a
     converted checkpoint's config (convert_config) read the same string the same way."""
@@ -179,7 +201,7 @@ def test_recipe_file_errors(tmp_path):
     with pytest.raises(RecipeError, match=r"bad.yaml: unknown key 'learning_rate'.*did you mean 'learning_rates'"):
         load_recipe(str(bad))
     with pytest.raises(
-        RecipeError, match=r"not a shipped recipe \(demo, stage1, stage1_5, stage2_si, tiny_cpu; ablations: "
+        RecipeError, match=r"not a shipped recipe \(demo, stage1, stage1_5, stage2_si, tiny_cpu, video; ablations: "
     ):
         load_recipe(str(tmp_path / "missing.yaml"))
     optimizer = tmp_path / "ds.json"

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from inputs import clip, mixed_media_batch, single_image_batch, text_only_batch, video_batch, video_prompt
+from inputs import clip, mixed_media_batch, single_image_batch, text_only_batch, video_batch, video_prompt, write_mp4
 from test_aggregators import randomise, run_with_deltas
 from test_patch import logits
 
@@ -198,20 +198,6 @@ def test_generate_with_video(config_name):
 
 
 # ---- video files and frame folders: chat --video --------------------------------------------------------------
-def write_mp4(path, video):
-    """Encode `video` (F, H, W, 3) uint8 as an MP4 with PyAV (lossy: decoded frames differ slightly)."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height = video.shape[2], video.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for frame in video:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
 @pytest.fixture(scope="module")
 def saved_patched(tmp_path_factory):
     folder = tmp_path_factory.mktemp("video-model") / "model"

@@ -62,3 +62,31 @@ def keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# ZeRO-3 with a persistence threshold of 0, so even the tiny model's parameters are really partitioned
+ZERO3_PARTITIONED = ["--deepspeed", "zero3", "--deepspeed.zero_optimization.stage3_param_persistence_threshold", "0"]
+
+
+def eval_logits(module, batch):
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        return module(**batch).logits
+
+
+def reload_trained(folder):
+    from transformers import AutoModelForImageTextToText
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    import llava_manager  # noqa: F401  (registers the patched model type)
+
+    unset_hf_deepspeed_config()  # otherwise from_pretrained would zero.Init (partition) the reloaded model
+    try:
+        from llava_manager import from_pretrained
+
+        model, _ = from_pretrained(str(folder))
+    except ImportError:
+        model = AutoModelForImageTextToText.from_pretrained(str(folder))
+    return model.eval()

@@ -19,6 +19,10 @@ Run the whole pipeline on a small random LLaVA-OV in about two minutes on CPU, d
 curves in one PNG (the paper's baseline-vs-Manager comparison, in miniature: both models learn
 this toy task, so it shows the pipeline, not the paper's gains). The output ends with the total
 time and where everything was written.
+
+--video does the same with short clips (6 frames: a shape sliding left or right, or staying put
+and changing colour halfway) and asks whether and which way the shape moves and its colour at the
+end; the Managers act on the video tokens. --train-images / --heldout-images then count clips.
 """
 
 
@@ -42,16 +46,19 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--compare", action="store_true", help="also train the unpatched model; plot both loss curves")
     parser.add_argument(
+        "--video", action="store_true", help="train on synthetic clips and ask about motion (the video path)"
+    )
+    parser.add_argument(
         "--train-images",
         type=int,
         default=DEFAULT_TRAIN_IMAGES,
-        help=f"training images (default {DEFAULT_TRAIN_IMAGES})",
+        help=f"training images, or clips with --video (default {DEFAULT_TRAIN_IMAGES})",
     )
     parser.add_argument(
         "--heldout-images",
         type=int,
         default=DEFAULT_HELDOUT_IMAGES,
-        help=f"held-out images, 3 questions each (default {DEFAULT_HELDOUT_IMAGES})",
+        help=f"held-out images, 3 questions each, or clips, 2-3 each (default {DEFAULT_HELDOUT_IMAGES})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for data, model init and training (default 0)")
     add_debug_flag(parser)
@@ -72,5 +79,6 @@ def run(args) -> int:
         train_images=args.train_images,
         heldout_images=args.heldout_images,
         seed=args.seed,
+        video=args.video,
     )
     return 0

@@ -1,6 +1,7 @@
 """The demo, end to end on a small random LLaVA-OV, on CPU, with nothing downloaded.
 
-1. draw a synthetic shapes dataset (train + held-out images; `shapes.py`);
+1. draw a synthetic shapes dataset (train + held-out images; `shapes.py`), or with `video=True` clips of a
+   shape that moves or changes colour (`clips.py`);
 2. train with the real entry point (`llava_manager.train.main.train`) on the shipped `demo` recipe:
    a small model is built from `configs/models/demo.json` with random weights, patched with Managers,
    trained with the HF Trainer and DeepSpeed ZeRO-2, and saved in HF format. Each training run is a
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DemoError, ManagerError  # noqa: F401  (DemoError: re-exported)
+from .clips import FRAMES, VIDEO_CHANCE, VIDEO_QUESTIONS, write_clip_dataset
 from .shapes import COLORS, POSITIONS, QUESTIONS, SHAPES, DemoData, write_demo_dataset
 
 RECIPE = "demo"  # configs/recipes/demo.yaml: model, Managers, learning rates, batch size
@@ -37,7 +39,8 @@ DEFAULT_TRAIN_IMAGES = 480
 DEFAULT_HELDOUT_IMAGES = 48
 SUMMARY = "demo_summary.json"
 MARKER = ".llava_manager_demo"
-CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)}
+CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS), **VIDEO_CHANCE}
+ALL_QUESTIONS = {**QUESTIONS, **VIDEO_QUESTIONS}
 BASELINE_PARTS = ["projector", "vision_tower", "language_model"]
 # set by launchers / a previous in-process run; a training worker must start its own one-process group
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -141,9 +144,14 @@ def demo_overrides(
     data: DemoData, run_dir: Path, steps: int, seed: int, managers: bool, extra: dict | None = None
 ) -> dict:
     """Overrides of the shipped `demo` recipe: the demo's data, steps, seed and output folder (and `extra`)."""
+    media = (
+        {"video_folder": str(data.video_folder), "frames_upbound": FRAMES, "check_videos": "open"}
+        if data.is_video
+        else {"image_folder": str(data.image_folder)}
+    )
     overrides = {
         "data_path": str(data.train_json),
-        "image_folder": str(data.image_folder),
+        **media,
         "output_dir": str(run_dir),
         "max_steps": steps,
         "logging_steps": 1,
@@ -250,16 +258,17 @@ def normalise(answer: str) -> str:
 
 def score(model, processor, data: DemoData) -> HeldoutScore:
     """Greedy answers to every held-out question; exact match of the first word with the expected answer."""
-    from ..chat import ask_batch, load_images
+    from ..chat import ask_batch, load_images, load_video
 
     samples = data.heldout_samples()
-    cache: dict[str, list] = {}
+    cache: dict[Path, list] = {}
     items = []
     for sample in samples:
-        if sample["image"] not in cache:
-            cache[sample["image"]] = load_images([data.image_folder / sample["image"]])
+        path = data.media_path(sample)
+        if path not in cache:
+            cache[path] = [load_video(path, FRAMES)] if data.is_video else load_images([path])
         question = sample["conversations"][0]["value"].replace("<image>\n", "")
-        items.append((cache[sample["image"]], question))
+        items.append(([], question, cache[path]) if data.is_video else (cache[path], question))
     answers = ask_batch(model, processor, items, max_new_tokens=4)
     records, by_type = [], {}
     for sample, answer in zip(samples, answers):
@@ -268,7 +277,7 @@ def score(model, processor, data: DemoData) -> HeldoutScore:
         records.append(
             {
                 "id": sample["id"],
-                "image": sample["image"],
+                **({"video": sample["video"]} if data.is_video else {"image": sample["image"]}),
                 "type": sample["question_type"],
                 "expected": expected,
                 "answer": answer,
@@ -291,6 +300,7 @@ def run_demo(
     seed: int = 0,
     recipe_overrides: dict | None = None,
     say: Callable[[str], None] | None = None,
+    video: bool = False,
 ) -> DemoResult:
     """Run the demo; returns where everything went and the scores. `say` prints progress (default: stdout).
 
@@ -299,7 +309,9 @@ def run_demo(
             output there is replaced.
         steps (`int`, *optional*, defaults to 400): optimizer steps per trained model (batch 8, `demo` recipe).
         compare (`bool`, *optional*, defaults to `False`): also train the unpatched model and plot both losses.
-        train_images (`int`), heldout_images (`int`), seed (`int`): the synthetic data.
+        train_images (`int`), heldout_images (`int`), seed (`int`): the synthetic data (clips with `video`).
+        video (`bool`, *optional*, defaults to `False`): train on clips (`clips.py`) and ask about motion and the
+            colour at the end, instead of images.
         recipe_overrides (`dict`, *optional*): more `demo` recipe overrides (`{"learning_rates.manager": 0.02}`),
             applied to both runs.
     """
@@ -311,11 +323,18 @@ def run_demo(
     _prepare_output(output_dir)
     stages = _Stages(6 if compare else 5, say)
 
-    stages.next(
-        f"drawing the synthetic shapes data ({train_images} training images, "
-        f"{heldout_images} held-out images x {len(QUESTIONS)} questions)"
-    )
-    data = write_demo_dataset(output_dir / "data", train_images, heldout_images, seed=seed)
+    if video:
+        stages.next(
+            f"drawing the synthetic clips ({train_images} training clips, {heldout_images} held-out clips x 2-3 "
+            f"questions; {FRAMES} frames each: a shape sliding left or right, or changing colour halfway)"
+        )
+        data = write_clip_dataset(output_dir / "data", train_images, heldout_images, seed=seed)
+    else:
+        stages.next(
+            f"drawing the synthetic shapes data ({train_images} training images, "
+            f"{heldout_images} held-out images x {len(QUESTIONS)} questions)"
+        )
+        data = write_demo_dataset(output_dir / "data", train_images, heldout_images, seed=seed)
     say(f"    {data.train_json}, {data.heldout_json}")
 
     run, model = _train_and_score_managers(output_dir, data, steps, seed, recipe_overrides, stages)
@@ -334,6 +353,7 @@ def run_demo(
     summary = {
         "steps": steps,
         "seed": seed,
+        "media": "video" if video else "image",
         "train_images": train_images,
         "heldout_images": heldout_images,
         "heldout_questions": run.score.total,
@@ -397,8 +417,8 @@ def _train_and_score_managers(output_dir, data, steps, seed, recipe_overrides, s
 
 def _show_example_and_accuracy(run, data, example, say) -> float:
     """Print one held-out question with its answer, and the accuracy; returns the chance accuracy."""
-    say(f"    held-out image {data.image_folder / example['image']}")
-    say(f"    Q: {QUESTIONS[example['type']]}")
+    say(f"    held-out {'clip' if data.is_video else 'image'} {data.media_path(example)}")
+    say(f"    Q: {ALL_QUESTIONS[example['type']]}")
     verdict = "correct" if example["correct"] else "wrong"
     say(f"    A: {example['answer']!r}  (expected {example['expected']!r}: {verdict})")
     chance = sum(CHANCE[r["type"]] for r in run.score.answers) / run.score.total
@@ -445,11 +465,15 @@ def _compare_baseline(output_dir, data, steps, seed, recipe_overrides, run, chan
     return baseline, loss_png
 
 
+def _media_flag(data: DemoData) -> str:
+    return f"--frames {FRAMES} --video" if data.is_video else "--image"
+
+
 def _say_written(result: DemoResult, stages: _Stages) -> None:
     """The closing lines: the time, every file written, and commands to try next."""
     say, runs, run, data, example = stages.say, result.runs, result.runs["manager"], result.data, result.example
     stages.next(f"done in {result.seconds:.0f} s. Written:")
-    say(f"    data (train.json, heldout.json, images/)  {data.folder}")
+    say(f"    data (train.json, heldout.json, {'videos/' if data.is_video else 'images/'})  {data.folder}")
     say(f"    trained model with Managers (HF format)   {run.model_dir}")
     if "baseline" in runs:
         say(f"    trained model without Managers            {runs['baseline'].model_dir}")
@@ -458,7 +482,7 @@ def _say_written(result: DemoResult, stages: _Stages) -> None:
     say(f"    training logs                             {', '.join(str(r.log_file) for r in runs.values())}")
     say(f"    summary with every held-out answer        {result.summary_json}")
     say(
-        f"try: llava-manager chat {run.model_dir} --image {data.image_folder / example['image']} "
-        f'"{QUESTIONS[example["type"]]}"'
+        f"try: llava-manager chat {run.model_dir} {_media_flag(data)} {data.media_path(example)} "
+        f'"{ALL_QUESTIONS[example["type"]]}"'
     )
     say(f"     llava-manager inspect {run.model_dir} --out weights.png")

@@ -44,14 +44,24 @@ class DrawnShape:
 
 @dataclass
 class DemoData:
-    """Where `write_demo_dataset` put things, and what the held-out images show."""
+    """Where `write_demo_dataset` (images) or `clips.write_clip_dataset` (videos: `video_folder` set, no
+    `image_folder`) put things."""
 
     folder: Path
     train_json: Path
     heldout_json: Path
-    image_folder: Path
+    image_folder: Path | None
     n_train: int
     n_heldout: int
+    video_folder: Path | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.video_folder is not None
+
+    def media_path(self, sample: dict) -> Path:
+        """The held-out sample's image file or clip folder."""
+        return self.video_folder / sample["video"] if self.is_video else self.image_folder / sample["image"]
 
     def heldout_samples(self) -> list[dict]:
         return json.loads(self.heldout_json.read_text())

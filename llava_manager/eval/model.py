@@ -23,6 +23,14 @@ Model args (`--model_args k=v,...`):
     apply_until      cut answers at the task's `until` strings (default False: the authors'
                      model ignored `until` and stopped at the end-of-turn token)
     log_every        log the prompt of every N-th document at DEBUG (default 100; doc 0 always)
+    max_frames_num   frames per video (default 32, as lmms-eval's llava_onevision model)
+
+Video tasks: a visual that is a path (a video file, decoded with PyAV: the `video` extra, or a folder of
+frame images) is one video, sampled as lmms-eval's `llava_onevision` model samples it: exactly
+`max_frames_num` frames at `np.linspace(0, total - 1, max_frames_num, dtype=int)`. Its placeholder is
+`<video>` (LLaVA-NeXT wrote `<image>` with `modalities=["video"]`; the HF processor needs `<video>`).
+A task whose metadata says `task_type: video` with `sample_frames: N` and gives frames as images gets them
+as one video of N frames, sampled the same way. A video that cannot be read is an error naming the document.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from loguru import logger as eval_logger
 from tqdm import tqdm
 
 from ..chat import context_limit, fit_answer_length
+from ..errors import VideoError
+from ..media import VIDEO_FRAMES, frame_indices, load_video
 from .prompt import CONV_TEMPLATES, build_prompt, get_template, with_image_placeholders
 
 # Arguments of lmms-eval's `llava_onevision` model that the authors' scripts could pass; they
@@ -48,7 +58,6 @@ _LEGACY_IGNORED_ARGS = {
     "truncation",
     "truncate_context",
     "customized_config",
-    "max_frames_num",
     "mm_spatial_pool_stride",
     "mm_spatial_pool_mode",
     "token_strategy",
@@ -122,6 +131,7 @@ class LlavaManager(lmms):
         max_new_tokens: int = 1024,
         apply_until: bool = False,
         log_every: int = 100,
+        max_frames_num: int = VIDEO_FRAMES,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -145,6 +155,9 @@ class LlavaManager(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self.apply_until = bool(apply_until)
         self.log_every = max(int(log_every), 1)
+        self.max_frames_num = int(max_frames_num)
+        if self.max_frames_num < 1:
+            raise ValueError(f"llava_manager: max_frames_num must be >= 1, got {max_frames_num!r}")
 
         # Data parallel: one full replica per process; lmms-eval shards requests by rank.
         # `accelerate launch` sets up the Accelerator; under `torchrun` on CPU it may report a
@@ -284,27 +297,47 @@ class LlavaManager(lmms):
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int, metadata: dict | None = None):
+        """(images, videos) of one document: PIL images, and `(F, H, W, 3)` frame arrays. `metadata` is the
+        request's (lmms-eval copies the task's `metadata` into it)."""
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
         if visuals is None:
-            return []
+            return [], []
         if not isinstance(visuals, (list, tuple)):
             visuals = [visuals]
-        images = []
-        for visual in visuals:
-            if isinstance(visual, str) or not hasattr(visual, "convert"):
-                raise NotImplementedError(
-                    f"llava_manager evaluates image tasks; {task} gives {type(visual).__name__} visuals (video/audio)"
-                )
-            images.append(visual.convert("RGB"))
-        return images
+        metadata = metadata or {}
+        if metadata.get("task_type") == "video" and "sample_frames" in metadata:  # frames given as images
+            import numpy as np
 
-    def _inputs(self, prompts: list[str], images: list):
-        inputs = self._processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
+            frames = [visual.convert("RGB") for visual in visuals]
+            picks = frame_indices(len(frames), int(metadata["sample_frames"]), exact=True, floor=True)
+            return [], [np.stack([np.asarray(frames[i]) for i in picks])]
+        images, videos = [], []
+        for visual in visuals:
+            if isinstance(visual, (str, os.PathLike)):
+                try:
+                    videos.append(load_video(visual, self.max_frames_num, exact=True, floor=True))
+                except VideoError as error:
+                    raise VideoError(f"{task} doc {doc_id}: {error}") from None
+            elif hasattr(visual, "convert"):
+                images.append(visual.convert("RGB"))
+            else:
+                raise NotImplementedError(
+                    f"llava_manager evaluates image and video tasks; {task} gives {type(visual).__name__} visuals"
+                )
+        return images, videos
+
+    def _inputs(self, prompts: list[str], images: list, videos: list | None = None):
+        if videos and getattr(self._processor, "video_processor", None) is None:
+            raise VideoError("video tasks need the processor's video processor: pip install 'llava-manager[video]'")
+        inputs = self._processor(
+            text=prompts, images=images or None, videos=videos or None, return_tensors="pt", padding=True
+        )
         device = self._model.device if self._model.device.type != "meta" else self._device
         inputs = inputs.to(device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(self._model.dtype)
         return inputs
 
     def _log(self, task: str, doc_id: int, what: str, text: str) -> None:
@@ -343,46 +376,23 @@ class LlavaManager(lmms):
         def _sort_key(args):  # longest first: a batch pads to its first prompt, OOMs show early
             return -len(self._tokenizer.encode(args[0])), args[0]
 
+        task_metadata = {request.metadata.get("task"): request.metadata for request in requests}  # sample_frames
         collator = utils.Collator([request.args for request in requests], _sort_key, grouping=True)
         progress = tqdm(total=len(requests), disable=(self.rank != 0), desc="Model Responding")
         results: list[GenerationResult] = []
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk)
-            images_per_request = [
-                self._visuals(fn, task, split, doc_id)
+            media = [
+                self._visuals(fn, task, split, doc_id, task_metadata.get(task))
                 for fn, task, split, doc_id in zip(doc_to_visuals, tasks, splits, doc_ids)
             ]
-            prompts = [
-                build_prompt(context, len(images), self.conv_template)
-                for context, images in zip(contexts, images_per_request)
-            ]
-            for prompt, task, doc_id in zip(prompts, tasks, doc_ids):
-                self._log(task, doc_id, "Prompt", prompt)
-            generate_kwargs, until = self._generation_kwargs(all_gen_kwargs[0])  # grouped: same kwargs in a batch
-
-            inputs = self._inputs(prompts, [image for images in images_per_request for image in images])
-            generate_kwargs["max_new_tokens"] = self._fit_answer(
-                inputs, generate_kwargs["max_new_tokens"], tasks, doc_ids
-            )
-            with torch.inference_mode():
-                output_ids = self._model.generate(**inputs, **generate_kwargs)
-            prompt_length = inputs["input_ids"].shape[1]
-            new_tokens = output_ids[:, prompt_length:]  # decode only what the model added
-            texts = self._tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-
-            for row, (text, task, doc_id) in enumerate(zip(texts, tasks, doc_ids)):
-                if self.apply_until:
-                    for stop in until:
-                        if stop:
-                            text = text.split(stop)[0]
-                text = text.strip()
-                self._log(task, doc_id, "Answer", text)
-                counts = TokenCounts(
-                    input_tokens=int(inputs["attention_mask"][row].sum()),
-                    output_tokens=self._count_generated(new_tokens[row]),
-                )
-                results.append(GenerationResult(text=text, token_counts=counts))
-                self.cache_hook.add_partial("generate_until", (contexts[row], all_gen_kwargs[0]), text)
+            answers: dict[int, GenerationResult] = {}
+            for rows in _same_frame_count(media, tasks, doc_ids):  # one pixel_values_videos tensor per generate()
+                batch = [(contexts[r], media[r], tasks[r], doc_ids[r]) for r in rows]
+                answers.update(zip(rows, self._answer(batch, all_gen_kwargs[0])))  # grouped: the same kwargs
+            for row in range(len(chunk)):
+                results.append(answers[row])
+                self.cache_hook.add_partial("generate_until", (contexts[row], all_gen_kwargs[0]), answers[row].text)
             progress.update(len(chunk))
         progress.close()
         if self.cut_answers:
@@ -391,6 +401,43 @@ class LlavaManager(lmms):
                 f"({context_limit(self._model)} positions)"
             )
         return collator.get_original(results)
+
+    def _answer(
+        self, batch: list[tuple[str, tuple[list, list], str, int]], gen_kwargs: dict
+    ) -> list[GenerationResult]:
+        """Generate for `batch` = [(context, (images, videos), task, doc_id)] in one left-padded generate() call."""
+        contexts, media, tasks, doc_ids = zip(*batch)
+        prompts = [
+            build_prompt(context, len(images), self.conv_template, num_videos=len(videos))
+            for context, (images, videos) in zip(contexts, media)
+        ]
+        for prompt, task, doc_id in zip(prompts, tasks, doc_ids):
+            self._log(task, doc_id, "Prompt", prompt)
+        generate_kwargs, until = self._generation_kwargs(gen_kwargs)
+        inputs = self._inputs(
+            prompts,
+            [image for images, _ in media for image in images],
+            [video for _, videos in media for video in videos],
+        )
+        generate_kwargs["max_new_tokens"] = self._fit_answer(inputs, generate_kwargs["max_new_tokens"], tasks, doc_ids)
+        with torch.inference_mode():
+            output_ids = self._model.generate(**inputs, **generate_kwargs)
+        new_tokens = output_ids[:, inputs["input_ids"].shape[1] :]  # decode only what the model added
+        texts = self._tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        answers = []
+        for row, (text, task, doc_id) in enumerate(zip(texts, tasks, doc_ids)):
+            if self.apply_until:
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+            text = text.strip()
+            self._log(task, doc_id, "Answer", text)
+            counts = TokenCounts(
+                input_tokens=int(inputs["attention_mask"][row].sum()),
+                output_tokens=self._count_generated(new_tokens[row]),
+            )
+            answers.append(GenerationResult(text=text, token_counts=counts))
+        return answers
 
     def _fit_answer(self, inputs, max_new_tokens: int, tasks, doc_ids) -> int:
         """The batch's answer length, cut (counted in `cut_answers`, logged) so the longest prompt plus its answer
@@ -416,18 +463,17 @@ class LlavaManager(lmms):
         closed by `<|im_end|>\\n`, like the authors' model (which returned the mean loss instead)."""
         template = get_template(self.conv_template)
         results = []
-        for context, doc_to_target, doc_to_visual, doc_id, task, split in tqdm(
-            [request.args for request in requests], disable=(self.rank != 0), desc="Model Responding"
-        ):
+        for request in tqdm(requests, disable=(self.rank != 0), desc="Model Responding"):
+            context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-            images = self._visuals(doc_to_visual, task, split, doc_id)
-            question = with_image_placeholders(context, len(images))
+            images, videos = self._visuals(doc_to_visual, task, split, doc_id, request.metadata)
+            question = with_image_placeholders(context, len(images), len(videos))
             prompt = template.render([(0, question)])
             full = template.render([(0, question), (1, str(continuation))], add_generation_prompt=False)
             self._log(task, doc_id, "Prompt", full)
-            context_length = self._inputs([prompt], images)["input_ids"].shape[1]
-            inputs = self._inputs([full], images)
+            context_length = self._inputs([prompt], images, videos)["input_ids"].shape[1]
+            inputs = self._inputs([full], images, videos)
             labels = inputs["input_ids"].clone()
             labels[:, :context_length] = -100
             with torch.inference_mode():
@@ -444,6 +490,24 @@ class LlavaManager(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("llava_manager does not implement multi-round generation")
+
+
+def _same_frame_count(media: list[tuple[list, list]], tasks, doc_ids) -> list[list[int]]:
+    """Rows of a batch split so that every group's videos have one frame count (`pixel_values_videos` is one
+    tensor); rows without a video join the first group. Order is kept within each group."""
+    groups: dict[int | None, list[int]] = {}
+    for row, (_, videos) in enumerate(media):
+        counts = {len(video) for video in videos}
+        if len(counts) > 1:
+            raise VideoError(
+                f"{tasks[row]} doc {doc_ids[row]}: its videos have {sorted(counts)} frames; one request's videos "
+                "must share a frame count (pixel_values_videos is one tensor)"
+            )
+        groups.setdefault(counts.pop() if counts else None, []).append(row)
+    without_video = groups.pop(None, [])
+    ordered = list(groups.values()) or [[]]
+    ordered[0] = sorted(ordered[0] + without_video)
+    return ordered
 
 
 __all__ = ["CONV_TEMPLATES", "LlavaManager", "load_model_and_processor"]

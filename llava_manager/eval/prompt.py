@@ -8,8 +8,9 @@ conversation) with the image placeholders put in front of the question:
     <|im_start|>assistant\\n
 
 Several images are joined by a space (`<image> <image>\\n`), a question that already holds `<image>`
-is left alone, and a text-only question gets no placeholder. The HF processor then expands each
-`<image>` into the model's image tokens. Pure string code: no lmms-eval, no torch.
+is left alone, and a text-only question gets no placeholder. A video gets `<video>` where LLaVA-NeXT
+wrote `<image>` (after the images). The HF processor then expands each placeholder into the model's
+image or video tokens. Pure string code: no lmms-eval, no torch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from llava_manager.chat_format import IM_END, IM_START, IMAGE_PLACEHOLDER, SYSTEM_PROMPT
+from llava_manager.chat_format import IM_END, IM_START, IMAGE_PLACEHOLDER, SYSTEM_PROMPT, VIDEO_PLACEHOLDER
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,12 @@ def get_template(name: str) -> ChatMLTemplate:
         ) from None
 
 
-def with_image_placeholders(context: str, num_images: int) -> str:
-    """Put `num_images` placeholders (space separated) and a newline before the question,
-    unless the question already places them itself or there is no image."""
-    if num_images <= 0 or IMAGE_PLACEHOLDER in context:
+def with_image_placeholders(context: str, num_images: int, num_videos: int = 0) -> str:
+    """Put `num_images` image and `num_videos` video placeholders (space separated) and a newline before the
+    question, unless the question already places them itself or there is no image or video."""
+    if num_images + num_videos <= 0 or IMAGE_PLACEHOLDER in context or VIDEO_PLACEHOLDER in context:
         return context
-    return " ".join([IMAGE_PLACEHOLDER] * num_images) + "\n" + context
+    return " ".join([IMAGE_PLACEHOLDER] * num_images + [VIDEO_PLACEHOLDER] * num_videos) + "\n" + context
 
 
 def _is_json_conversation(text: str) -> bool:
@@ -71,7 +72,7 @@ def _is_json_conversation(text: str) -> bool:
     return isinstance(value, list) and all(isinstance(item, dict) and "value" in item for item in value)
 
 
-def build_prompt(context: str, num_images: int, conv_template: str = "qwen_1_5") -> str:
+def build_prompt(context: str, num_images: int, conv_template: str = "qwen_1_5", num_videos: int = 0) -> str:
     """The full prompt for one request, ending with the assistant header.
 
     A context that is a JSON list of `{"from": ..., "value": ...}` turns (lmms-eval's conversational
@@ -79,7 +80,7 @@ def build_prompt(context: str, num_images: int, conv_template: str = "qwen_1_5")
     authors' model; anything else is one user turn.
     """
     template = get_template(conv_template)
-    question = with_image_placeholders(context, num_images)
+    question = with_image_placeholders(context, num_images, num_videos)
     if _is_json_conversation(question):
         turns = [(index % 2, item["value"]) for index, item in enumerate(json.loads(question))]
         if len(turns) % 2 != 1:

@@ -3,13 +3,16 @@
 Input formats (as LLaVA-NeXT):
 
 - a JSON list or JSONL file of samples
-  `{"id", "image": str | [str], "conversations": [{"from": "human" | "gpt", "value": str}, ...]}`;
-  image paths are relative to the recipe's `image_folder`; `<image>` marks where each image goes;
+  `{"id", "image": str | [str], "video": str, "conversations": [{"from": "human" | "gpt", "value": str}, ...]}`;
+  image paths are relative to the recipe's `image_folder`, the video (a file or a folder of frames, as
+  LLaVA-Video) to its `video_folder`; `<image>` marks where each image goes, `<video>` where the video goes
+  (a sample with a video and no images may mark it `<image>`, as LLaVA-Video's data does);
 - a YAML mixture `datasets: [{json_path, sampling_strategy: all | first:N | first:N% | end:N | random:N,
-  image_folder (optional)}]`.
+  image_folder (optional), video_folder (optional)}]`.
 
-`load_samples` reads and checks everything up front (structure, roles, `<image>` count against the
-images, image files), so bad data fails before any process group starts, naming file, sample and key.
+`load_samples` reads and checks everything up front (structure, roles, placeholder counts against the
+images and video, the files), so bad data fails before any process group starts, naming file, sample and key.
+Every video is sampled to exactly `frames` frames when encoded (see `media.load_video`, `exact=True`).
 
 `ConversationEncoder` renders a sample in Qwen ChatML (`qwen_1_5`: the loss is on each answer and the
 `<|im_end|>` closing it) or LLaVA's `plain` caption format, expands every `<image>` to the number of
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,9 @@ from ..errors import DataError, ManagerError  # noqa: F401  (DataError: re-expor
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = chat_format.IMAGE_PLACEHOLDER
+VIDEO_PLACEHOLDER = chat_format.VIDEO_PLACEHOLDER
+PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+TOKENS_PER_FRAME = 196  # LLaVA-OV: SigLIP's 27 x 27 patches pooled to 14 x 14 (only a length estimate here)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SAMPLING_STRATEGIES = ("all", "first", "end", "random")
 
@@ -50,18 +57,28 @@ class DropSample(Exception):
 
 @dataclass
 class Sample:
-    """One checked conversation. `images` are resolved paths; `where` names the sample in messages."""
+    """One checked conversation. `images` and `video` are resolved paths (the conversation marks the video
+    `<video>`); `where` names the sample in messages; `video_frames` is what the video will be sampled to."""
 
     id: str
     conversations: list[dict[str, str]]
     images: list[str] = field(default_factory=list)
     where: str = ""
+    video: str | None = None
+    video_frames: int = 0
+
+    @property
+    def media(self) -> list[str]:
+        return self.images + ([self.video] if self.video else [])
 
     @property
     def modality_length(self) -> int:
-        """LLaVA's cheap length estimate: words (+ 128 per image); negative for text-only samples."""
+        """LLaVA's cheap length estimate: words (+ 128 per image, + the video's tokens); negative for text-only
+        samples. A video's real token count is so much larger than an image's that videos sort together."""
         words = sum(len(turn["value"].split()) for turn in self.conversations)
-        return words + 128 * len(self.images) if self.images else -max(words, 1)
+        if not self.media:
+            return -max(words, 1)
+        return words + 128 * len(self.images) + (TOKENS_PER_FRAME * self.video_frames + 1 if self.video else 0)
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -124,12 +141,14 @@ def _resolve(value: str, bases: list[Path]) -> Path:
     return bases[0] / path
 
 
-def data_sources(data_path: Path, image_folder: Path | None, seed: int) -> list[tuple[Path, list, Path | None]]:
-    """[(file, records, image folder)] for a JSON/JSONL file or a YAML mixture."""
+def data_sources(
+    data_path: Path, image_folder: Path | None, seed: int, video_folder: Path | None = None
+) -> list[tuple[Path, list, Path | None, Path | None]]:
+    """[(file, records, image folder, video folder)] for a JSON/JSONL file or a YAML mixture."""
     if not data_path.is_file():
         raise DataError(f"data file {data_path} does not exist (recipe key 'data_path')")
     if data_path.suffix not in (".yaml", ".yml"):
-        return [(data_path, _read_records(data_path), image_folder)]
+        return [(data_path, _read_records(data_path), image_folder, video_folder)]
     try:
         mixture = yaml.safe_load(data_path.read_text())
     except yaml.YAMLError as error:
@@ -141,34 +160,38 @@ def data_sources(data_path: Path, image_folder: Path | None, seed: int) -> list[
     for index, entry in enumerate(mixture["datasets"]):
         where = f"data mixture {data_path}, datasets[{index}]"
         if not isinstance(entry, dict) or "json_path" not in entry:
-            raise DataError(f"{where}: each entry needs json_path (and optionally sampling_strategy, image_folder)")
-        unknown = set(entry) - {"json_path", "sampling_strategy", "image_folder"}
+            raise DataError(
+                f"{where}: each entry needs json_path (and optionally sampling_strategy, image_folder, video_folder)"
+            )
+        unknown = set(entry) - {"json_path", "sampling_strategy", "image_folder", "video_folder"}
         if unknown:
             raise DataError(
-                f"{where}: unknown key(s) {sorted(unknown)}; use json_path, sampling_strategy, image_folder"
+                f"{where}: unknown key(s) {sorted(unknown)}; use json_path, sampling_strategy, image_folder, "
+                "video_folder"
             )
         file = _resolve(str(entry["json_path"]), [Path.cwd(), data_path.parent])
         if not file.is_file():
             raise DataError(f"{where}: json_path {entry['json_path']!r} does not exist (tried {file})")
-        folder = image_folder
-        if entry.get("image_folder") is not None:
-            folder = _resolve(str(entry["image_folder"]), [Path.cwd(), data_path.parent])
-            if not folder.is_dir():
-                raise DataError(f"{where}: image_folder {entry['image_folder']!r} is not a folder (tried {folder})")
+        folders = {"image_folder": image_folder, "video_folder": video_folder}
+        for key in folders:
+            if entry.get(key) is not None:
+                folders[key] = _resolve(str(entry[key]), [Path.cwd(), data_path.parent])
+                if not folders[key].is_dir():
+                    raise DataError(f"{where}: {key} {entry[key]!r} is not a folder (tried {folders[key]})")
         records = _sample_records(_read_records(file), entry.get("sampling_strategy", "all"), where, rng)
-        sources.append((file, records, folder))
+        sources.append((file, records, folders["image_folder"], folders["video_folder"]))
     return sources
 
 
-def check_record(record: Any, file: Path, index: int, image_folder: Path | None) -> Sample:
-    """Structure, roles and `<image>` count of one record; returns a `Sample` or raises `DataError`."""
+def check_record(
+    record: Any, file: Path, index: int, image_folder: Path | None, video_folder: Path | None = None
+) -> Sample:
+    """Structure, roles and placeholder counts of one record; returns a `Sample` or raises `DataError`."""
     where = f"{file}, sample {index}"
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {type(record).__name__}")
     sample_id = str(record.get("id", f"#{index}"))
     where = f"{file}, sample {index} (id {sample_id!r})"
-    if record.get("video") is not None:
-        raise DataError(f"{where}: video samples are not supported (the released Manager code has no video path)")
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise DataError(f"{where}: 'conversations' must be a non-empty list")
@@ -195,18 +218,44 @@ def check_record(record: Any, file: Path, index: int, image_folder: Path | None)
         images = list(image)
     else:
         raise DataError(f"{where}: 'image' must be a path or a non-empty list of paths, got {image!r}")
-    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
-    if placeholders != len(images):
-        raise DataError(
-            f"{where}: the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the sample has "
-            f"{len(images)} image(s)"
-        )
-    if any(IMAGE_PLACEHOLDER in t["value"] for t in turns if t["from"] != "user"):
-        raise DataError(f"{where}: {IMAGE_PLACEHOLDER} may only appear in human turns")
+    video = record.get("video")
+    if video is not None and not (isinstance(video, str) and video):
+        raise DataError(f"{where}: 'video' must be one path (a video file or a folder of frames), got {video!r}")
+    _check_placeholders(turns, images, video, where)
+    if any(PLACEHOLDERS.search(t["value"]) for t in turns if t["from"] != "user"):
+        raise DataError(f"{where}: {IMAGE_PLACEHOLDER} and {VIDEO_PLACEHOLDER} may only appear in human turns")
     if images and image_folder is None:
         raise DataError(f"{where}: the sample has images but the recipe sets no image_folder")
+    if video is not None and video_folder is None and not Path(video).is_absolute():
+        raise DataError(f"{where}: the sample has a video but the recipe sets no video_folder")
     paths = [str(Path(p) if Path(p).is_absolute() else image_folder / p) for p in images]
-    return Sample(id=sample_id, conversations=turns, images=paths, where=where)
+    video_path = None if video is None else str(Path(video) if Path(video).is_absolute() else video_folder / video)
+    return Sample(id=sample_id, conversations=turns, images=paths, where=where, video=video_path)
+
+
+def _check_placeholders(turns: list[dict], images: list[str], video: str | None, where: str) -> None:
+    """Placeholders against media; a video-only sample's one `<image>` becomes `<video>` (LLaVA-Video's data)."""
+    image_marks = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    video_marks = sum(t["value"].count(VIDEO_PLACEHOLDER) for t in turns)
+    if video is not None and not images and image_marks + video_marks == 1:
+        for t in turns:
+            t["value"] = t["value"].replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
+        return
+    if video is not None and not images:
+        raise DataError(
+            f"{where}: a sample with a video and no images needs exactly one {VIDEO_PLACEHOLDER} (or {IMAGE_PLACEHOLDER})"
+            f" placeholder; the conversation has {image_marks + video_marks}"
+        )
+    if video_marks != (video is not None):
+        have = "has a video" if video is not None else "has no 'video'"
+        raise DataError(
+            f"{where}: the conversation has {video_marks} {VIDEO_PLACEHOLDER} placeholder(s) but the sample {have}"
+        )
+    if image_marks != len(images):
+        raise DataError(
+            f"{where}: the conversation has {image_marks} {IMAGE_PLACEHOLDER} placeholder(s) but the sample has "
+            f"{len(images)} image(s)"
+        )
 
 
 def _image_problem(path: str, mode: str) -> str | None:
@@ -226,7 +275,7 @@ def _image_problem(path: str, mode: str) -> str | None:
 @dataclass
 class LoadedData:
     samples: list[Sample]
-    skipped: list[str]  # "id: reason" of samples dropped because of their images (on_bad_image: skip)
+    skipped: list[str]  # "id: reason" of samples dropped because of their images or video (on_bad_*: skip)
 
 
 def load_samples(
@@ -236,41 +285,56 @@ def load_samples(
     check_images: str = "exists",
     on_bad_image: str = "error",
     seed: int = 0,
+    video_folder: Path | None = None,
+    check_videos: str = "exists",
+    on_bad_video: str = "error",
+    video_frames: int = 32,
 ) -> LoadedData:
-    """Read and check every sample (and, per `check_images`, every image file)."""
+    """Read and check every sample (and, per `check_images` / `check_videos`, every image and video)."""
     samples: list[Sample] = []
-    for file, records, folder in data_sources(data_path, image_folder, seed):
-        samples += [check_record(record, file, index, folder) for index, record in enumerate(records)]
+    for file, records, images, videos in data_sources(data_path, image_folder, seed, video_folder):
+        samples += [check_record(record, file, index, images, videos) for index, record in enumerate(records)]
     if not samples:
         raise DataError(f"data {data_path}: no samples")
-    skipped: list[str] = []
-    if check_images != "none":
-        kept, bad = [], []
-        for sample in samples:
-            problems = [(p, _image_problem(p, check_images)) for p in sample.images]
-            problems = [(p, why) for p, why in problems if why]
-            if problems:
-                bad.append((sample, problems))
-            else:
-                kept.append(sample)
-        if bad and on_bad_image == "error":
-            lines = [f"  {s.where}: image {p} is {why}" for s, problems in bad[:5] for p, why in problems[:1]]
-            more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+    for sample in samples:
+        sample.video_frames = video_frames if sample.video else 0
+    kept, bad = [], []
+    for sample in samples:
+        problems = _media_problems(sample, check_images, check_videos)
+        (bad.append((sample, problems)) if problems else kept.append(sample))
+    for kind, action, key in (("image", on_bad_image, "on_bad_image"), ("video", on_bad_video, "on_bad_video")):
+        failing = [(s, [(k, p, why) for k, p, why in problems if k == kind]) for s, problems in bad]
+        failing = [(s, problems) for s, problems in failing if problems]
+        if failing and action == "error":
+            lines = [f"  {s.where}: {k} {p} is {why}" for s, problems in failing[:5] for k, p, why in problems[:1]]
+            more = f"\n  ... and {len(failing) - 5} more" if len(failing) > 5 else ""
             raise DataError(
-                f"{len(bad)} sample(s) have missing or unreadable images (set on_bad_image: skip to drop them):\n"
+                f"{len(failing)} sample(s) have missing or unreadable {kind}s (set {key}: skip to drop them):\n"
                 + "\n".join(lines)
                 + more
             )
-        skipped = [f"{s.id}: image {problems[0][0]} is {problems[0][1]}" for s, problems in bad]
-        samples = kept
-        if not samples:
-            raise DataError(f"data {data_path}: every sample was skipped for its images")
-    return LoadedData(samples=samples, skipped=skipped)
+    skipped = [f"{s.id}: {problems[0][0]} {problems[0][1]} is {problems[0][2]}" for s, problems in bad]
+    if not kept:
+        raise DataError(f"data {data_path}: every sample was skipped for its images or video")
+    return LoadedData(samples=kept, skipped=skipped)
+
+
+def _media_problems(sample: Sample, check_images: str, check_videos: str) -> list[tuple[str, str, str]]:
+    """[(kind, path, why)] for the sample's images and video, as far as the checks look."""
+    from ..media import video_problem
+
+    problems = []
+    if check_images != "none":
+        problems += [("image", p, _image_problem(p, check_images)) for p in sample.images]
+    if check_videos != "none" and sample.video:
+        problems.append(("video", sample.video, video_problem(sample.video, check_videos)))
+    return [(kind, path, why) for kind, path, why in problems if why]
 
 
 # ---- encoding --------------------------------------------------------------------------------------
 class ConversationEncoder:
-    """Turns a `Sample` into `input_ids`, `labels`, `pixel_values`, `image_sizes` with the real processor.
+    """Turns a `Sample` into `input_ids`, `labels`, `pixel_values`, `image_sizes` (and `pixel_values_videos`)
+    with the real processor.
 
     Args:
         processor: a `LlavaOnevisionProcessor` (or llava-manager's subclass) matched to the model.
@@ -278,12 +342,25 @@ class ConversationEncoder:
         conv_template (`str`): `"qwen_1_5"` or `"plain"`.
         system_prompt (`str`): the ChatML system message (a sample's own system turn wins).
         model_max_length (`int`): tokens per sample.
+        video_token_id (`int`, *optional*): the model's video token id (needed for video samples).
+        video_frames (`int`): frames every video is sampled to (exactly; short clips repeat frames).
     """
 
-    def __init__(self, processor, image_token_id: int, conv_template: str, system_prompt: str, model_max_length: int):
+    def __init__(
+        self,
+        processor,
+        image_token_id: int,
+        conv_template: str,
+        system_prompt: str,
+        model_max_length: int,
+        video_token_id: int | None = None,
+        video_frames: int = 32,
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.video_frames = video_frames
         self.conv_template = conv_template
         self.system_prompt = system_prompt
         self.model_max_length = model_max_length
@@ -294,11 +371,13 @@ class ConversationEncoder:
         turns = [dict(t) for t in sample.conversations]
         if self.conv_template == "plain":
             answers = [t["value"] for t in turns if t["from"] == "assistant"]
-            return [(IMAGE_PLACEHOLDER * len(sample.images), False), (answers[0], True), ("\n", True)]
-        if len(sample.images) == 1:  # as LLaVA: a single image goes first in its turn, then "\n"
+            media = IMAGE_PLACEHOLDER * len(sample.images) + (VIDEO_PLACEHOLDER if sample.video else "")
+            return [(media, False), (answers[0], True), ("\n", True)]
+        if len(sample.media) == 1:  # as LLaVA: a single image (or video) goes first in its turn, then "\n"
+            mark = VIDEO_PLACEHOLDER if sample.video else IMAGE_PLACEHOLDER
             for turn in turns:
-                if IMAGE_PLACEHOLDER in turn["value"] and not turn["value"].startswith(IMAGE_PLACEHOLDER):
-                    turn["value"] = IMAGE_PLACEHOLDER + "\n" + turn["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+                if mark in turn["value"] and not turn["value"].startswith(mark):
+                    turn["value"] = mark + "\n" + turn["value"].replace(mark, "").strip()
         system = self.system_prompt
         if turns[0]["from"] == "system":
             system = turns.pop(0)["value"]
@@ -335,43 +414,70 @@ class ConversationEncoder:
                 raise BadImage(sample, path, f"{type(error).__name__}: {error}") from None
         return images
 
-    def encode(self, sample: Sample) -> dict[str, Any]:
+    def load_video(self, sample: Sample):
+        """`(video_frames, H, W, 3)` frames of the sample's video."""
+        from ..errors import VideoError
+        from ..media import load_video
+
+        try:
+            return load_video(sample.video, self.video_frames, exact=True)
+        except VideoError as error:
+            raise BadVideo(sample, sample.video, str(error)) from None
+
+    def _media_tokens(self, sample: Sample) -> tuple[dict[str, Any], dict[str, list[list[int]]]]:
+        """The pixel tensors and, per placeholder, the token ids each image / the video expands to."""
+        tensors: dict[str, Any] = {"pixel_values": None, "image_sizes": None}
+        tokens: dict[str, list[list[int]]] = {IMAGE_PLACEHOLDER: [], VIDEO_PLACEHOLDER: []}
         images = self.load_images(sample)
-        counts: list[int] = []
-        pixel_values = image_sizes = None
         if images:
             image_inputs = self.processor.image_processor([images], return_tensors="pt")
-            pixel_values = image_inputs["pixel_values"]  # (images, crops, 3, H, W)
-            image_sizes = image_inputs["image_sizes"]  # (images, 2) as (height, width)
-            token = self.processor.image_token
-            counts = [
-                len(self.processor.replace_image_token(image_inputs, i)) // len(token) for i in range(len(images))
+            tensors["pixel_values"] = image_inputs["pixel_values"]  # (images, crops, 3, H, W)
+            tensors["image_sizes"] = image_inputs["image_sizes"]  # (images, 2) as (height, width)
+            unit = len(self.processor.image_token)
+            tokens[IMAGE_PLACEHOLDER] = [
+                [self.image_token_id] * (len(self.processor.replace_image_token(image_inputs, i)) // unit)
+                for i in range(len(images))
             ]
+        if sample.video:
+            if self.video_token_id is None or getattr(self.processor, "video_processor", None) is None:
+                raise DataError(
+                    f"{sample.where}: a video sample needs a model with a video token and a processor with a video "
+                    "processor (pip install 'llava-manager[video]' for torchvision)"
+                )
+            video_inputs = self.processor.video_processor([self.load_video(sample)], return_tensors="pt")
+            tensors["pixel_values_videos"] = video_inputs["pixel_values_videos"]  # (1, frames, 3, H, W)
+            count = len(self.processor.replace_video_token(video_inputs, 0)) // len(self.processor.video_token)
+            tokens[VIDEO_PLACEHOLDER] = [[self.video_token_id] * count]
+        return tensors, tokens
 
+    def encode(self, sample: Sample) -> dict[str, Any]:
+        tensors, media_tokens = self._media_tokens(sample)
+        pending = {mark: list(reversed(ids)) for mark, ids in media_tokens.items()}  # popped in text order
         input_ids: list[int] = []
         labels: list[int] = []
-        image_index = 0
         for text, trained in self.segments(sample):
-            pieces = text.split(IMAGE_PLACEHOLDER)
-            for k, piece in enumerate(pieces):
-                if k > 0:
-                    ids = [self.image_token_id] * counts[image_index]
-                    image_index += 1
+            for piece in PLACEHOLDERS.split(text):
+                if piece in pending:
+                    if not pending[piece]:  # check_record makes this impossible; keep the invariant loud
+                        raise DataError(f"{sample.where}: more {piece} placeholders than media")
+                    ids = pending[piece].pop()
                     input_ids += ids
                     labels += [IGNORE_INDEX] * len(ids)
-                if piece:
+                elif piece:
                     ids = self._tokens(piece)
                     input_ids += ids
                     labels += ids if trained else [IGNORE_INDEX] * len(ids)
-        if image_index != len(images):  # check_record makes this impossible; keep the invariant loud
-            raise DataError(f"{sample.where}: {image_index} placeholders rendered for {len(images)} images")
+        if any(pending.values()):
+            raise DataError(f"{sample.where}: fewer placeholders than media")
 
         limit = self.model_max_length
         if len(input_ids) > limit:
-            image_positions = [i for i, t in enumerate(input_ids) if t == self.image_token_id]
-            if image_positions and image_positions[-1] >= limit:
+            media_ids = {self.image_token_id, self.video_token_id}
+            media_positions = [i for i, t in enumerate(input_ids) if t in media_ids]
+            if media_positions and media_positions[-1] >= limit:
+                kind = "video" if input_ids[media_positions[-1]] == self.video_token_id else "image"
                 raise DropSample(
-                    f"{len(input_ids)} tokens > model_max_length {limit} and the cut would go through its image tokens"
+                    f"{len(input_ids)} tokens > model_max_length {limit} and the cut would go through its {kind} tokens"
                 )
             input_ids, labels = input_ids[:limit], labels[:limit]
         if all(label == IGNORE_INDEX for label in labels):
@@ -379,8 +485,7 @@ class ConversationEncoder:
         return {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": pixel_values,
-            "image_sizes": image_sizes,
+            **tensors,
             "sample_id": sample.id,
         }
 
@@ -393,15 +498,28 @@ class BadImage(DataError):
         self.reason = f"image {path} is unreadable ({why})"
 
 
-class SupervisedDataset(torch.utils.data.Dataset):
-    """Encodes samples lazily. A sample that must be dropped (too long, or a bad image with
-    `on_bad_image="skip"`) is replaced by the next good one; the replaced ids travel with the item
-    (`dropped`) so the trainer counts them, even from dataloader workers."""
+class BadVideo(DataError):
+    def __init__(self, sample: Sample, path: str, why: str):
+        super().__init__(f"{sample.where}: {why}; set on_bad_video: skip to drop such samples")
+        self.reason = f"video {path} is unreadable ({why})"
 
-    def __init__(self, samples: list[Sample], encoder: ConversationEncoder, on_bad_image: str = "error"):
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Encodes samples lazily. A sample that must be dropped (too long, or a bad image / video with
+    `on_bad_image` / `on_bad_video` = "skip") is replaced by the next good one; the replaced ids travel with the
+    item (`dropped`) so the trainer counts them, even from dataloader workers."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        encoder: ConversationEncoder,
+        on_bad_image: str = "error",
+        on_bad_video: str = "error",
+    ):
         self.samples = samples
         self.encoder = encoder
         self.on_bad_image = on_bad_image
+        self.on_bad_video = on_bad_video
         self._bad: dict[int, str] = {}  # index -> reason (per process)
 
     def __len__(self) -> int:
@@ -410,6 +528,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
     @property
     def modality_lengths(self) -> list[int]:
         return [s.modality_length for s in self.samples]
+
+    @property
+    def has_videos(self) -> bool:
+        return any(s.video for s in self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         dropped: list[str] = []
@@ -423,8 +545,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 item = self.encoder.encode(sample)
             except DropSample as drop:
                 self._bad[current] = drop.reason
-            except BadImage as bad:
-                if self.on_bad_image == "error":
+            except (BadImage, BadVideo) as bad:
+                if (self.on_bad_image if isinstance(bad, BadImage) else self.on_bad_video) == "error":
                     raise
                 self._bad[current] = bad.reason
             else:

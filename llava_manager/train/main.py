@@ -28,7 +28,14 @@ import yaml
 from ..errors import ManagerError
 from .arguments import training_arguments
 from .environment import prepare_environment
-from .model_setup import apply_lora, check_processor, configure_images, load_for_training, patch_model
+from .model_setup import (
+    apply_lora,
+    check_processor,
+    check_video_support,
+    configure_images,
+    load_for_training,
+    patch_model,
+)
 from .recipe import (
     Recipe,
     RecipeError,
@@ -83,12 +90,21 @@ def prepare_data(recipe: Recipe):
             ) from None
         folder = Path(recipe.output_dir) / "synthetic_data"
         data_path = write_shapes_dataset(folder, count, seed=recipe.seed)
-        image_folder = folder / "images"
+        image_folder, video_folder = folder / "images", folder / "videos"
     else:
         data_path = recipe.path("data_path", "file")
         image_folder = recipe.path("image_folder", "dir") if recipe.image_folder is not None else None
+        video_folder = recipe.path("video_folder", "dir") if recipe.video_folder is not None else None
     return load_samples(
-        data_path, image_folder, check_images=recipe.check_images, on_bad_image=recipe.on_bad_image, seed=recipe.seed
+        data_path,
+        image_folder,
+        check_images=recipe.check_images,
+        on_bad_image=recipe.on_bad_image,
+        seed=recipe.seed,
+        video_folder=video_folder,
+        check_videos=recipe.check_videos,
+        on_bad_video=recipe.on_bad_video,
+        video_frames=recipe.frames_upbound,
     )
 
 
@@ -118,16 +134,31 @@ def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
     check_processor(model, processor)
     processor.tokenizer.model_max_length = recipe.model_max_length
 
-    from .collator import ManagerDataCollator, make_dummy_image
+    from .collator import ManagerDataCollator, make_dummy_image, make_dummy_video
     from .data import ConversationEncoder, SupervisedDataset
     from .trainer import ManagerTrainer, set_trainable
 
+    video_token_id = getattr(model.config, "video_token_id", None)
     encoder = ConversationEncoder(
-        processor, model.config.image_token_id, recipe.conv_template, recipe.system_prompt, recipe.model_max_length
+        processor,
+        model.config.image_token_id,
+        recipe.conv_template,
+        recipe.system_prompt,
+        recipe.model_max_length,
+        video_token_id=video_token_id,
+        video_frames=recipe.frames_upbound,
     )
-    dataset = SupervisedDataset(data.samples, encoder, on_bad_image=recipe.on_bad_image)
+    dataset = SupervisedDataset(
+        data.samples, encoder, on_bad_image=recipe.on_bad_image, on_bad_video=recipe.on_bad_video
+    )
+    if dataset.has_videos:
+        check_video_support(model, processor)
     collator = ManagerDataCollator(
-        processor.tokenizer.pad_token_id, model.config.image_token_id, dummy_image=make_dummy_image(encoder)
+        processor.tokenizer.pad_token_id,
+        model.config.image_token_id,
+        dummy_image=make_dummy_image(encoder),
+        video_token_id=video_token_id,
+        dummy_video=make_dummy_video(encoder) if dataset.has_videos else None,
     )
     if "manager" in recipe.train_parts and getattr(model.model, "manager", None) is None:
         raise RecipeError("recipe key 'train_parts' lists 'manager' but the model has no Managers")

@@ -187,6 +187,23 @@ def check_processor(model, processor) -> None:
         raise RecipeError("the processor's tokenizer has no pad token")
 
 
+def check_video_support(model, processor) -> None:
+    """Video data needs the model's video token in the processor and a video processor (torchvision)."""
+    video_id = getattr(model.config, "video_token_id", None)
+    if video_id is None:
+        raise RecipeError("the data has videos but the model config has no video_token_id (not a LLaVA-OV model?)")
+    if getattr(processor, "video_processor", None) is None:
+        raise RecipeError(
+            "the data has videos but the processor has no video processor (it needs torchvision): "
+            "pip install 'llava-manager[video]'"
+        )
+    if processor.video_token_id != video_id:
+        raise RecipeError(
+            f"the processor's video token id {processor.video_token_id} differs from the model's {video_id}; "
+            "use the model's own processor (recipe key 'processor')"
+        )
+
+
 def apply_lora(recipe: Recipe, model):
     from peft import LoraConfig, get_peft_model
 

@@ -116,6 +116,18 @@ class Recipe:
         metadata={"help": "before training: none | exists (stat every image) | open (decode every image)"},
     )
     on_bad_image: str = field(default="error", metadata={"help": "missing/unreadable image: error | skip (and count)"})
+    video_folder: str | None = field(
+        default=None, metadata={"help": "folder the samples' video paths (files or frame folders) are relative to"}
+    )
+    frames_upbound: int = field(
+        default=32,
+        metadata={"help": "frames per training video, sampled uniformly; exactly this many (short clips repeat)"},
+    )
+    check_videos: str = field(
+        default="exists",
+        metadata={"help": "before training: none | exists (stat every video) | open (decode every video)"},
+    )
+    on_bad_video: str = field(default="error", metadata={"help": "missing/unreadable video: error | skip (and count)"})
     group_by_modality_length: bool = field(
         default=False, metadata={"help": "batches of one modality, similar lengths"}
     )
@@ -189,7 +201,15 @@ class Recipe:
 
     def _validate_model_and_data(self) -> None:
         """The model, processor and data sources."""
-        for key in ("model_name_or_path", "model_subfolder", "model_config", "processor", "image_folder", "data_path"):
+        for key in (
+            "model_name_or_path",
+            "model_subfolder",
+            "model_config",
+            "processor",
+            "image_folder",
+            "data_path",
+            "video_folder",
+        ):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise self._err(key, value, "use a string (a path or a name) or null")
@@ -286,6 +306,9 @@ class Recipe:
             raise self._err("system_prompt", self.system_prompt, "use a string")
         self._choice("check_images", IMAGE_CHECKS)
         self._choice("on_bad_image", BAD_IMAGE_ACTIONS)
+        self._int("frames_upbound", minimum=1)
+        self._choice("check_videos", IMAGE_CHECKS)
+        self._choice("on_bad_video", BAD_IMAGE_ACTIONS)
         self._bool("group_by_modality_length")
 
     def _validate_run(self) -> None:
