@@ -29,6 +29,7 @@ the test runs), `half-0.5b` (the real 0.5B widths with half the depth: minutes o
 `paper-0.5b` (the full LLaVA-OV-0.5B shapes and the paper's Managers; for a GPU).
 
     python benchmarks/overhead.py --preset half-0.5b                      # CPU, fp32, square + anyres 2x2
+    python benchmarks/overhead.py --preset half-0.5b --images video8      # one video of 8 frames (video = 8 and 32)
     python benchmarks/overhead.py --preset paper-0.5b --device cuda --dtype bfloat16 --images square,anyres,anyres_max_9
 """
 
@@ -54,6 +55,7 @@ from llava_manager import ImageLayout, ManagerConfig, patch_llava
 from llava_manager.config import default_vision_layers
 
 IMAGE_MODES = ("square", "anyres", "anyres_max_9")
+VIDEO_MODES = ("video8", "video32")  # one video of N frames (any `videoN` works); `--images video` = both
 PHASES = ("prefill", "decode", "train")
 # glibc malloc: blocks up to 1 GiB from the heap (no mmap per tensor), never trimmed; larger ones still mmap'ed
 # (with no mmap at all, multi-GB blocks such as --full-logits' logits fragment the heap until memory runs out).
@@ -192,7 +194,7 @@ def build_pair(
     patched.to(device=device, dtype=dtype)
 
     square = image_mode == "square"
-    layout = ImageLayout(mode="square") if square else ImageLayout()
+    layout = ImageLayout(mode="square") if square else ImageLayout()  # (video frames never get crops)
     if square:  # transformers has no square mode: the baseline is the same layout without Managers
         patch_llava(vanilla, layout=layout, managers=False)
     vision_layers = preset.vision_layers or default_vision_layers(patched.config.vision_config.num_hidden_layers)
@@ -211,14 +213,57 @@ def build_pair(
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------
+def video_frames(mode: str) -> int:
+    """Frames of a `videoN` mode; 0 for an image mode."""
+    return int(mode[len("video") :]) if mode.startswith("video") else 0
+
+
 def image_size_of(mode: str, crop: int) -> tuple[int, int]:
-    """(height, width): square -> one crop; anyres -> a 2x2 grid; anyres_max_9 -> the largest grid (6x6, shrunk)."""
+    """(height, width): square -> one crop; anyres -> a 2x2 grid; anyres_max_9 -> the largest grid (6x6, shrunk);
+    a video frame -> one crop."""
+    if video_frames(mode):
+        return crop, crop
     return {"square": (crop, crop), "anyres": (2 * crop, 2 * crop), "anyres_max_9": (6 * crop, 6 * crop)}[mode]
+
+
+def _token_sequence(config, preset: Preset, token_id: int, tokens: int, generator) -> torch.Tensor:
+    """(1, T): random text, `tokens` media tokens, random text (`preset.text_tokens` around them)."""
+    before, after = preset.text_tokens
+    text = torch.randint(
+        0, min(config.text_config.vocab_size, config.image_token_id), (before + after,), generator=generator
+    )
+    return torch.cat([text[:before], torch.full((tokens,), token_id), text[before:]])[None]
+
+
+def build_video_inputs(model, preset: Preset, frames: int, device, dtype, seed: int, full_logits: bool) -> dict:
+    """One video of `frames` random frames in the prompt (its token count as the model computes it)."""
+    from llava_manager.video import newline_in_video_features
+
+    config = model.config
+    crop = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values_videos = torch.randn(1, frames, 3, crop, crop, generator=generator).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        features = model.model.get_video_features(pixel_values_videos).pooler_output
+    tokens = features.shape[1] + (0 if newline_in_video_features(model.model) else 1)  # F * 196 + 1 at 384 px
+    input_ids = _token_sequence(config, preset, config.video_token_id, tokens, generator)
+    labels = input_ids.masked_fill(input_ids == config.video_token_id, -100)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values_videos": pixel_values_videos,
+        "labels": labels.to(device),
+        "train_logits": 0 if full_logits else preset.text_tokens[1],
+        "crops": frames,
+        "image_tokens": tokens,
+    }
 
 
 def build_inputs(model, preset: Preset, image_mode: str, device, dtype, seed: int, full_logits: bool = False) -> dict:
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
+    if video_frames(image_mode):
+        return build_video_inputs(model, preset, video_frames(image_mode), device, dtype, seed, full_logits)
     config = model.config
     crop = config.vision_config.image_size
     height, width = image_size_of(image_mode, crop)
@@ -230,10 +275,8 @@ def build_inputs(model, preset: Preset, image_mode: str, device, dtype, seed: in
     pixel_values = torch.randn(1, crops, 3, crop, crop, generator=generator).to(device=device, dtype=dtype)
     with torch.no_grad():
         tokens = model.model.get_image_features(pixel_values, sizes).pooler_output[0].shape[0]
-    before, after = preset.text_tokens
-    vocab = config.text_config.vocab_size
-    text = torch.randint(0, min(vocab, config.image_token_id), (before + after,), generator=generator)
-    input_ids = torch.cat([text[:before], torch.full((tokens,), config.image_token_id), text[before:]])[None]
+    after = preset.text_tokens[1]
+    input_ids = _token_sequence(config, preset, config.image_token_id, tokens, generator)
     labels = input_ids.masked_fill(input_ids == config.image_token_id, -100)
     return {
         "input_ids": input_ids.to(device),
@@ -254,7 +297,8 @@ def _sync(device):
 
 
 def _model_inputs(inputs: dict) -> dict:
-    return {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "pixel_values_videos")
+    return {k: inputs[k] for k in keys if k in inputs}
 
 
 def prefill(model, inputs):
@@ -508,7 +552,8 @@ def format_table(report: dict) -> str:
     units = {"prefill": ("prefill (s)", 1.0), "decode": ("decode step (ms)", 1e3), "train": ("train step (s)", 1.0)}
     for result in report["results"]:
         label = f"{result['image_mode']}"
-        detail = f"{result['crops']} crop{'s' if result['crops'] > 1 else ''}, {result['image_tokens']} tok"
+        unit = "frame" if video_frames(result["image_mode"]) else "crop"
+        detail = f"{result['crops']} {unit}{'s' if result['crops'] > 1 else ''}, {result['image_tokens']} tok"
         rows = []
         for phase, pair in result["median_s"].items():
             name, scale = units[phase]
@@ -546,7 +591,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--images",
         default=None,
-        help=f"comma-separated image modes from {','.join(IMAGE_MODES)} (default: per preset)",
+        help=f"comma-separated image modes from {','.join(IMAGE_MODES)}, or videoN (one video of N frames; "
+        "video = video8,video32) (default: per preset)",
     )
     parser.add_argument("--injection", choices=("llm", "projector"), default="llm")
     parser.add_argument(
@@ -607,9 +653,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every repetition to stderr")
     args = parser.parse_args(argv)
-    args.images = tuple(args.images.split(",")) if args.images else PRESETS[args.preset].images
+    requested = args.images.split(",") if args.images else PRESETS[args.preset].images
+    args.images = tuple(mode for item in requested for mode in (VIDEO_MODES if item == "video" else (item,)))
     args.phases = tuple(args.phases.split(","))
-    for value, allowed, name in ((args.images, IMAGE_MODES, "--images"), (args.phases, PHASES, "--phases")):
+    videos = tuple(m for m in args.images if m.startswith("video") and m[5:].isdigit() and int(m[5:]) > 0)
+    for value, allowed, name in ((args.images, IMAGE_MODES + videos, "--images"), (args.phases, PHASES, "--phases")):
         unknown = [v for v in value if v not in allowed]
         if unknown:
             parser.error(f"{name}: unknown {unknown}; choose from {','.join(allowed)}")

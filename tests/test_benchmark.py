@@ -184,3 +184,17 @@ def test_lockstep_reraises_a_side_error_and_removes_its_hooks():
     with pytest.raises(RuntimeError, match="side 1 broke"):
         lockstep.run_lockstep([lambda: models[0](input_ids=torch.tensor([[1, 2]])), fail], models)
     assert [len(m.lm_head._forward_pre_hooks) for m in models] == hooks_before
+
+
+def test_video_modes_report_every_ratio(tmp_path):
+    """`--images video` = one video of 8 and one of 32 frames; the token count is the model's (F * 2 * 2 + 1 for the
+    tiny 4 x 4 patch grid pooled to 2 x 2)."""
+    stdout, report = _run(
+        tmp_path, "--images", "video", "--repeats", "1", "--warmup", "0", "--decode-steps", "1", "--no-memory"
+    )
+    assert [r["image_mode"] for r in report["results"]] == ["video8", "video32"]
+    for result, frames in zip(report["results"], (8, 32)):
+        assert result["crops"] == frames and result["image_tokens"] == frames * 4 + 1
+        assert sorted(result["ratios"]["median_s"]) == ["decode", "prefill", "train"]
+        assert result["ratios"]["flops"]["prefill"] > 1.0  # the Managers' per-frame work is really there
+    assert "8 frames, 33 tok" in stdout

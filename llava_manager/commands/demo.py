@@ -27,7 +27,7 @@ end; the Managers act on the video tokens. --train-images / --heldout-images the
 
 
 def register(subparsers) -> None:
-    from ..demo.pipeline import DEFAULT_HELDOUT_IMAGES, DEFAULT_STEPS, DEFAULT_TRAIN_IMAGES
+    from ..demo.pipeline import DEFAULT_HELDOUT_IMAGES, DEFAULT_STEPS, DEFAULT_TRAIN_IMAGES, DEFAULT_VIDEO_STEPS
     from ._common import add_debug_flag
 
     parser = subparsers.add_parser(
@@ -42,7 +42,10 @@ def register(subparsers) -> None:
         help="where everything goes (default outputs/demo; an earlier demo's output there is replaced)",
     )
     parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per model (default {DEFAULT_STEPS})"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps per model (default {DEFAULT_STEPS}, {DEFAULT_VIDEO_STEPS} with --video)",
     )
     parser.add_argument("--compare", action="store_true", help="also train the unpatched model; plot both loss curves")
     parser.add_argument(
@@ -70,7 +73,7 @@ def run(args) -> int:
     from ..errors import CommandError
 
     for name in ("steps", "train_images", "heldout_images"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} {getattr(args, name)}: use 1 or more")
     run_demo(
         args.output_dir,

@@ -6,11 +6,12 @@
 See `pipeline.py` for the steps and `shapes.py` for the data.
 """
 
-from .pipeline import DEFAULT_STEPS, DemoError, DemoResult, HeldoutScore, RunResult, run_demo
+from .pipeline import DEFAULT_STEPS, DEFAULT_VIDEO_STEPS, DemoError, DemoResult, HeldoutScore, RunResult, run_demo
 from .shapes import DemoData, write_demo_dataset
 
 __all__ = [
     "DEFAULT_STEPS",
+    "DEFAULT_VIDEO_STEPS",
     "DemoData",
     "DemoError",
     "DemoResult",

@@ -35,6 +35,8 @@ from .shapes import COLORS, POSITIONS, QUESTIONS, SHAPES, DemoData, write_demo_d
 
 RECIPE = "demo"  # configs/recipes/demo.yaml: model, Managers, learning rates, batch size
 DEFAULT_STEPS = 400
+# clips: "moves" and the end colour are learned in ~400 steps, left vs right (space x time) only after ~1000-1400
+DEFAULT_VIDEO_STEPS = 1600
 DEFAULT_TRAIN_IMAGES = 480
 DEFAULT_HELDOUT_IMAGES = 48
 SUMMARY = "demo_summary.json"
@@ -293,7 +295,7 @@ def score(model, processor, data: DemoData) -> HeldoutScore:
 def run_demo(
     output_dir: str | Path = "outputs/demo",
     *,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     compare: bool = False,
     train_images: int = DEFAULT_TRAIN_IMAGES,
     heldout_images: int = DEFAULT_HELDOUT_IMAGES,
@@ -307,7 +309,8 @@ def run_demo(
     Args:
         output_dir (`str` or `Path`, *optional*, defaults to `"outputs/demo"`): created; a previous demo's
             output there is replaced.
-        steps (`int`, *optional*, defaults to 400): optimizer steps per trained model (batch 8, `demo` recipe).
+        steps (`int`, *optional*): optimizer steps per trained model (batch 8, `demo` recipe); defaults to
+            `DEFAULT_STEPS` (400) for images, `DEFAULT_VIDEO_STEPS` (1600) with `video`.
         compare (`bool`, *optional*, defaults to `False`): also train the unpatched model and plot both losses.
         train_images (`int`), heldout_images (`int`), seed (`int`): the synthetic data (clips with `video`).
         video (`bool`, *optional*, defaults to `False`): train on clips (`clips.py`) and ask about motion and the
@@ -315,6 +318,8 @@ def run_demo(
         recipe_overrides (`dict`, *optional*): more `demo` recipe overrides (`{"learning_rates.manager": 0.02}`),
             applied to both runs.
     """
+    if steps is None:
+        steps = DEFAULT_VIDEO_STEPS if video else DEFAULT_STEPS
     if steps < 1:
         raise DemoError(f"--steps {steps}: train at least one step")
     started = time.perf_counter()
