@@ -38,6 +38,7 @@ _check_transformers_version()
 
 from . import processor as _processor  # noqa: E402,F401  (registers the processor classes with the Auto classes)
 from .checkpoint import from_pretrained, load_original  # noqa: E402
+from .checkpoint.managers_only import load_managers, save_managers  # noqa: E402
 from .config import ImageLayout, ManagerConfig  # noqa: E402
 from .errors import ConversionError, HubError, ManagerConfigError, ManagerError  # noqa: E402
 from .modeling import (  # noqa: E402  (registers the model type with the Auto classes)
@@ -59,7 +60,9 @@ __all__ = [
     "ManagerConfigError",
     "ManagerError",
     "is_patched",
+    "load_managers",
     "load_original",
     "patch_llava",
+    "save_managers",
     "unpatch_llava",
 ]

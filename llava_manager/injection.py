@@ -23,6 +23,7 @@ from .checkpoint_replay import plan_for_layer
 from .errors import ManagerError
 from .forward_state import ForwardScope, ForwardState
 from .managers import AdaptiveManager, ManagerStack, QueryContext
+from .zero3_sync import idle_image_features, in_multi_rank_zero3
 
 _ADAPTIVE_NEEDS_WHOLE_PROMPT = (
     "adaptive Managers read the whole instruction around the image in the forward that holds the image, so the "
@@ -120,7 +121,16 @@ class LLMInjection:
             features = features.view(-1, num_layers, width).to(hidden.device, hidden.dtype)  # (T, N, D)
         else:  # text-only forward: run every Manager on nothing (keeps ZeRO-3 ranks in step)
             positions = media_mask.reshape(-1).nonzero().squeeze(-1)  # (0,)
-            features = self.stack.embed_layers(hidden.new_zeros(0, num_layers, width))  # through the module (ZeRO-3)
+            nothing = hidden.new_zeros(0, num_layers, width)
+            if not torch.is_grad_enabled() and in_multi_rank_zero3(self.llava_model):
+                # inference beside ranks that may have images: run the image path on a blank image where theirs ran
+                # (inside generate() already, when it encodes images before the first forward); that run passed
+                # the layer embedding, as theirs did
+                if state.mm_encoder_outputs is None:
+                    idle_image_features(self.llava_model)
+                features = nothing
+            else:
+                features = self.stack.embed_layers(nothing)  # through the module (ZeRO-3)
         token_sample = torch.div(positions, seq_len, rounding_mode="floor")
         query = self._query_plan(state, media_mask, hidden) if self.config.is_adaptive and has_media else None
         span = None

@@ -136,7 +136,21 @@ class LlavaOnevisionManagerForConditionalGeneration(_ManagerModelMixin, LlavaOne
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunk_size = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
         check_prefill_chunking(self, chunk_size)
+        self._idle_images_for_zero3(kwargs)
         return super().generate(*args, **kwargs)
+
+    def _idle_images_for_zero3(self, kwargs: dict) -> None:
+        """ZeRO-3 across ranks: transformers encodes images before the first forward (`mm_encoder_outputs`); a rank
+        without images runs the image path on a blank one at that point, or the other ranks' gathers hang
+        (`zero3_sync.py`)."""
+        from .zero3_sync import idle_image_features, in_multi_rank_zero3
+
+        has_media = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        pre_encodes = getattr(self, "_supports_mm_encoder_outputs", None)
+        if has_media or pre_encodes is None or not pre_encodes():
+            return
+        if in_multi_rank_zero3(self):
+            idle_image_features(self.model)
 
 
 # the registered class of each transformers class patch_llava turns into it

@@ -3,15 +3,11 @@ deadlock, and both ranks end with the same Manager weights."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import shapes_data
+from train_helpers import run_two_processes, shapes_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,14 +55,7 @@ def test_two_process_zero3_mixed_batches(tmp_path, media):
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(runner),
+    args = [
         str(tmp_path),
         "--output_dir",
         str(out),
@@ -92,28 +81,7 @@ def test_two_process_zero3_mixed_batches(tmp_path, media):
         "3",
         *(video_args if media == "video" else []),
     ]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
-    }
-    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    process = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        text=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
-        output, _ = process.communicate()
-        pytest.fail(f"2-process ZeRO-3 run hung (killed after 180 s):\n{output[-4000:]}")
-    assert process.returncode == 0, output[-6000:]
+    run_two_processes(runner, args, tmp_path, what="2-process ZeRO-3 run")
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     first, second = ranks[0]["manager"], ranks[1]["manager"]

@@ -90,3 +90,43 @@ def reload_trained(folder):
     except ImportError:
         model = AutoModelForImageTextToText.from_pretrained(str(folder))
     return model.eval()
+
+
+def run_two_processes(
+    script: Path, args: list[str], cwd: Path, timeout: int = 180, what: str = "2-process run"
+) -> str:
+    """`torchrun --standalone --nproc_per_node 2 script args...` on CPU (gloo, one thread each), with the repo and
+    tests/ importable; fails the test on a non-zero exit or a hang (both workers killed after `timeout` s)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
+    }
+    path = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
+    env.update(PYTHONPATH=path, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    process = subprocess.Popen(
+        [*command, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        output, _ = process.communicate()
+        pytest.fail(f"{what} hung (killed after {timeout} s):\n{output[-4000:]}")
+    assert process.returncode == 0, output[-6000:]
+    return output

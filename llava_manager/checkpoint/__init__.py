@@ -12,6 +12,7 @@ original LLaVA-NeXT format, keep conversions in a cache, and load any of them wi
     cache.py       where conversions are kept
     loading.py     `from_pretrained`
     compose.py     a fresh LLaVA-OV from a SigLIP and an LM checkpoint (`llava-manager build`)
+    managers_only.py  Managers-only weights: `save_managers` / `load_managers` (PEFT-style, < 1 MB)
 """
 
 from .conversion import convert_checkpoint

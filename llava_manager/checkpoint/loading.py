@@ -7,12 +7,13 @@ cache (cache.py), so a second load converts nothing. Then transformers' Auto cla
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from ..errors import ConversionError
 from ..extras import require_extra
-from . import conversion
+from . import conversion, managers_only
 from .cache import cache_entry, default_cache_dir, is_converted, tokenizer_variant
 from .formats import detect_format
 from .source import resolve
@@ -33,6 +34,7 @@ def from_pretrained(
     conversion_cache_dir: str | os.PathLike | None = None,
     force_conversion: bool = False,
     progress: bool | None = None,
+    base_model: str | os.PathLike | None = None,
     **hf_kwargs,
 ):
     """Load a LLaVA-OV(-Manager) checkpoint, converting it first if it is in the original format.
@@ -53,6 +55,9 @@ def from_pretrained(
             `$LLAVA_MANAGER_CACHE` or `$HF_HOME/llava_manager`).
         force_conversion (`bool`, *optional*, defaults to `False`): convert again even if a converted copy is cached.
         progress (`bool`, *optional*): progress bar while converting (default: when stderr is a terminal).
+        base_model (`str` or `os.PathLike`, *optional*): when `repo_or_path` holds Managers only (`save_managers`),
+            the base model to put them on (any format this function loads; `subfolder` and `revision` then apply to
+            the Managers). Defaults to the base recorded in the Managers' `manager_config.json`.
         hf_kwargs: passed to `AutoModelForImageTextToText.from_pretrained` (`dtype`, `device_map`,
             `attn_implementation`, ...).
 
@@ -84,6 +89,26 @@ def from_pretrained(
 
     from .. import processor as _registers_processor_classes  # noqa: F401
 
+    if base_model is not None or managers_only.is_managers_folder(repo_or_path):
+        return _with_managers_only(
+            repo_or_path,
+            base_model,
+            subfolder=subfolder,
+            revision=revision,
+            hub={"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only},
+            base_kwargs=dict(
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                force_download=force_download,
+                allow_pickle=allow_pickle,
+                tokenizer=tokenizer,
+                conversion_cache_dir=conversion_cache_dir,
+                force_conversion=force_conversion,
+                progress=progress,
+                **hf_kwargs,
+            ),
+        )
     source = resolve(
         repo_or_path,
         subfolder,
@@ -103,10 +128,11 @@ def from_pretrained(
     else:
         root = Path(conversion_cache_dir) if conversion_cache_dir else default_cache_dir()
         folder = cache_entry(source, root, variant=tokenizer_variant(tokenizer))
-        if force_conversion or not is_converted(folder):
-            conversion.convert_checkpoint(
-                source, folder, tokenizer=tokenizer, allow_pickle=allow_pickle, overwrite=True, progress=progress
-            )
+        with _local_main_process_first(), _without_zero3_init():
+            if force_conversion or not is_converted(folder):
+                conversion.convert_checkpoint(
+                    source, folder, tokenizer=tokenizer, allow_pickle=allow_pickle, overwrite=True, progress=progress
+                )
     from transformers import ProcessorMixin
 
     model = AutoModelForImageTextToText.from_pretrained(folder, **hf_kwargs)
@@ -119,4 +145,65 @@ def from_pretrained(
             f"{folder} holds a model but no processor (processor_config.json with tokenizer files; got "
             f"{type(processor).__name__}). Save the model's processor there with processor.save_pretrained()."
         )
+    return model.eval(), processor
+
+
+@contextlib.contextmanager
+def _local_main_process_first():
+    """In a distributed run, the first process of each machine converts (into the machine's cache) while the others
+    wait, then find the conversion there: one whole model in memory per machine, not one per process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    if not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if first:
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Convert with whole tensors even while a ZeRO-3 run's DeepSpeed config is active (transformers would build the
+    conversion's model under deepspeed.zero.Init, with empty shards where the weights go)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = active
+
+
+def _with_managers_only(managers, base_model, *, subfolder, revision, hub: dict, base_kwargs: dict):
+    """A base model (loaded like any checkpoint) with a Managers-only folder or Hub repo on it."""
+    from ..config import ImageLayout
+    from .assembly import build_processor
+
+    if subfolder is not None:
+        if not Path(os.fspath(managers)).is_dir():
+            raise ConversionError(
+                "subfolder= works for a local Managers-only folder only; put the files at the Hub repo's root"
+            )
+        managers = Path(os.fspath(managers)) / subfolder
+    folder = managers_only.resolve_managers(managers, revision=revision, **hub)
+    saved = managers_only.read_manager_config(folder)
+    if base_model is None:
+        base_model = saved.get("base_model", {}).get("name_or_path")
+        if not base_model:
+            raise ConversionError(
+                f"{folder} holds Managers only and records no base model; pass base_model='<LLaVA-OV checkpoint "
+                "or Hub id>' (the model they were trained on)"
+            )
+    model, processor = from_pretrained(base_model, **base_kwargs)
+    managers_only.load_managers(model, folder)
+    layout = ImageLayout.from_dict(model.config.image_layout)
+    if not layout.is_default:  # the base's processor counts image tokens for its own layout
+        processor = build_processor(model.config, processor.tokenizer)
     return model.eval(), processor

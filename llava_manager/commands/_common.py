@@ -39,14 +39,17 @@ def check_model_argument(model: str) -> None:
         )
 
 
-def load_model(model: str, subfolder: str | None, debug: bool):
-    """`llava_manager.from_pretrained`, with any failure turned into a one-line `CommandError`."""
+def load_model(model: str, subfolder: str | None, debug: bool, base: str | None = None):
+    """`llava_manager.from_pretrained` (with `base`: Managers-only `model` on that base), with any failure turned
+    into a one-line `CommandError`."""
     from .. import from_pretrained
     from ..errors import ManagerError
 
     check_model_argument(model)
+    if base is not None:
+        check_model_argument(base)
     try:
-        return from_pretrained(model, subfolder)
+        return from_pretrained(model, subfolder, base_model=base)
     except ManagerError:
         raise
     except Exception as error:

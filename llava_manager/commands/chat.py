@@ -10,10 +10,13 @@ EPILOG = """examples:
   llava-manager chat LooperXX/LLaVA-OV-Manager --subfolder "Baseline + Grid + Manager" --image cat.jpg "What is this?"
   llava-manager chat ./converted --image a.png --image b.png "What differs between the two images?"
   llava-manager chat outputs/my-model --video clip.mp4 --frames 32 "What happens in the video?"
+  llava-manager chat outputs/my-model/managers --base llava-hf/llava-onevision-qwen2-0.5b-ov-hf --image a.png "Describe it."
 
 MODEL is anything llava_manager.from_pretrained loads: a folder in HF format (written by `llava-manager
 train`, `convert` or save_pretrained), an original-format LLaVA-OV(-Manager) folder (converted on the fly
-and cached), or a Hub repo id. Images go before the question, as LLaVA-OneVision was trained.
+and cached), or a Hub repo id; or a Managers-only folder / repo (save_managers, `managers/` of a training run)
+with --base naming the model to put them on (default: the base recorded in its manager_config.json).
+Images go before the question, as LLaVA-OneVision was trained.
 """
 
 
@@ -46,6 +49,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--frames", type=int, default=32, help="frames sampled uniformly from each video (default 32, as LLaVA-OV)"
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        metavar="BASE",
+        help="MODEL holds Managers only (save_managers): the base checkpoint or Hub id to load them onto",
     )
     parser.add_argument("--subfolder", default=None, help='folder inside MODEL, e.g. "Baseline + Grid + Manager"')
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
@@ -84,7 +93,7 @@ def run(args) -> int:
     images = load_images(args.image)  # missing or unreadable images fail here, before the model loads
     videos = [load_video(path, args.frames) for path in args.video]
     quiet_transformers(args.debug)
-    model, processor = load_model(args.model, args.subfolder, args.debug)
+    model, processor = load_model(args.model, args.subfolder, args.debug, base=args.base)
     if args.seed is not None:
         import transformers
 

@@ -4,7 +4,8 @@ and the command line. Each step lives in its own module: `environment`, `model_s
 Launch it as it is with `deepspeed`, `torchrun` or `accelerate launch`. The order of work is:
 
 1. read and validate the recipe and the data (every sample, every image file), load the model and
-   the processor, check they are LLaVA-OV and agree: all errors come here, before any process group;
+   the processor, check they are LLaVA-OV and agree: all errors come here, before any process group
+   (under ZeRO-3 the model is loaded partitioned, `deepspeed.zero.Init`, after the process group starts);
 2. patch the model with the recipe's Managers (unless it is already patched), freeze / LoRA;
 3. `TrainingArguments` (this starts the process group, and DeepSpeed from the recipe's JSON), then the
    HF Trainer (`ManagerTrainer`) trains, resuming if asked;
@@ -126,8 +127,14 @@ def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
     prepare_environment(uses_deepspeed=deepspeed_config is not None, cpu_threads=recipe.cpu_threads)
     accumulation = resolve_accumulation(recipe, world_size_from_env())
 
-    # 1. everything that can be wrong, checked before any process group starts
+    # 1. everything that can be wrong, checked before any process group starts (but the model under ZeRO-3 with
+    #    zero3_init: transformers loads it under deepspeed.zero.Init, which needs the DeepSpeed config and the
+    #    process group first; a bad model then fails on every rank alike)
     data = prepare_data(recipe)
+    args = None
+    if recipe.partitions_at_load():
+        args = training_arguments(recipe, accumulation, deepspeed_config)  # keeps transformers' HfDeepSpeedConfig
+        _start_deepspeed_comm(args)
     model, processor = load_for_training(recipe)
     processor, layout = configure_images(recipe, model, processor)
     model = patch_model(recipe, model, layout, processor.tokenizer)
@@ -171,7 +178,8 @@ def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
         model.config.use_cache = False
 
     # 2. the process group starts here (TrainingArguments sets up DeepSpeed / torch.distributed)
-    args = training_arguments(recipe, accumulation, deepspeed_config)
+    if args is None:
+        args = training_arguments(recipe, accumulation, deepspeed_config)
     trainer = ManagerTrainer(
         model=model,
         args=args,
@@ -210,12 +218,43 @@ def _train(recipe: Recipe, callbacks: list | None) -> TrainResult:
     dropped = gather_dropped(trainer, prepared.skipped)
     if trainer.args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
+        _save_managers_beside(recipe, output_dir)
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         (output_dir / "dropped_samples.json").write_text(json.dumps(dropped, indent=1))
         total = len(dropped["skipped_before_training"]) + len(dropped["dropped_in_training"])
         if total:
             logger.warning("%d sample(s) were not trained on; see %s", total, output_dir / "dropped_samples.json")
     return TrainResult(output_dir, trainer.state.log_history, dropped["dropped_in_training"], trainer)
+
+
+def _start_deepspeed_comm(args) -> None:
+    """Start the process group now (accelerate, through `args.device`) and DeepSpeed's communication on top of it:
+    zero.Init reads the world size from `deepspeed.comm`, which otherwise starts only in `deepspeed.initialize` (and
+    says 1 until then: DeepSpeed's batch-size check fails on every rank)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    args.device  # noqa: B018  (a cached property: sets up accelerate's state and torch.distributed)
+    if dist.is_available() and dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
+def _save_managers_beside(recipe: Recipe, output_dir: Path) -> None:
+    """`output_dir/managers`: the Managers alone (and the projector / newline when trained), PEFT-style."""
+    from ..checkpoint.managers_only import save_managers_from_checkpoint
+
+    saved_config = json.loads((output_dir / "config.json").read_text())
+    if saved_config.get("manager") is None:  # trained without Managers
+        return
+    trained = list(recipe.train_parts) + (["lora"] if recipe.lora is not None else [])
+    save_managers_from_checkpoint(
+        output_dir,
+        output_dir / "managers",
+        include=("projector", "image_newline") if "projector" in recipe.train_parts else (),
+        base_name=recipe.model_name_or_path or "",
+        trained_parts=trained,
+        overwrite=True,
+    )
 
 
 def split_argv(argv: list[str]) -> tuple[str, list[str], bool]:

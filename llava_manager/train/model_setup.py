@@ -18,6 +18,22 @@ def _llava_classes():
     return LlavaOnevisionForConditionalGeneration
 
 
+def import_model_modules(config=None) -> None:
+    """Import the modeling modules of LLaVA-OV and its parts now, not inside `deepspeed.zero.Init`.
+
+    A module that transformers imports lazily while zero.Init is active defines its classes there: zero.Init wraps
+    their `__init__` and, on exit, restores the one it saw first, dropping what decorators added after the class
+    statement (transformers' `use_kernelized_func` on Qwen2Attention: every Qwen2 model built later in the process
+    then fails with "'Qwen2Attention' object has no attribute '_kernel_funcs'")."""
+    from transformers import AutoModel, LlavaOnevisionForConditionalGeneration  # noqa: F401
+    from transformers.models.qwen2 import modeling_qwen2  # noqa: F401  (LLaVA-OV's LLM and vision tower)
+    from transformers.models.siglip import modeling_siglip  # noqa: F401
+
+    for sub in (getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if sub is not None and type(sub) in AutoModel._model_mapping:
+            AutoModel._model_mapping[type(sub)]  # noqa: B018  (the lookup imports the class's module)
+
+
 def load_for_training(recipe: Recipe):
     """The model (on CPU) and its processor, per the recipe; raises `RecipeError` for non-LLaVA-OV models.
 
@@ -44,12 +60,14 @@ def load_for_training(recipe: Recipe):
                 "not LLaVA-OneVision (llava_onevision)"
             )
         transformers.set_seed(recipe.seed)
+        import_model_modules(config)
         model = AutoModelForImageTextToText.from_config(config)
         model.name_or_path = ""  # a random model: not the config file (PEFT would look for weights there)
         processor = _processor_for(recipe, config)
     else:
         from llava_manager import from_pretrained as load
 
+        import_model_modules()
         try:
             model, processor = load(recipe.model_name_or_path, subfolder=recipe.model_subfolder, dtype=dtype)
         except ManagerError as error:

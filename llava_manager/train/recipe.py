@@ -150,6 +150,13 @@ class Recipe:
     deepspeed: Any = field(
         default=None, metadata={"help": "DeepSpeed JSON: path, shipped name (zero2, zero3, zero3_offload) or dict"}
     )
+    zero3_init: bool = field(
+        default=True,
+        metadata={
+            "help": "ZeRO-3: load / build the model already partitioned (deepspeed.zero.Init), so no rank holds it "
+            "whole; false loads it whole on every rank and partitions it when training starts"
+        },
+    )
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (0 = no checkpoints)"})
     save_total_limit: int | None = field(default=1, metadata={"help": "checkpoints kept"})
@@ -335,6 +342,7 @@ class Recipe:
         self.weight_decay = self._float("weight_decay", self.weight_decay, minimum=0.0)
         self._bool("bf16")
         self._bool("gradient_checkpointing")
+        self._bool("zero3_init")
         if self.deepspeed is not None and not isinstance(self.deepspeed, (str, dict)):
             raise self._err("deepspeed", self.deepspeed, "use a JSON path, a shipped name (zero2, zero3) or a mapping")
         self.deepspeed_config()  # the file exists, is JSON, has no optimizer block
@@ -457,6 +465,12 @@ class Recipe:
         if "optimizer" in config:
             raise self._err("deepspeed", self.deepspeed if isinstance(self.deepspeed, str) else "{...}", _NO_OPTIMIZER)
         return config
+
+    def partitions_at_load(self) -> bool:
+        """True when the model is loaded under `deepspeed.zero.Init` (a ZeRO-3 config and `zero3_init`)."""
+        config = self.deepspeed_config()
+        stage = ((config or {}).get("zero_optimization") or {}).get("stage", 0)
+        return bool(self.zero3_init) and config is not None and stage == 3
 
     def model_config_path(self) -> Path:
         found = find_config(self.model_config, "models", (".json",), self.base_dir)

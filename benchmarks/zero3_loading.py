@@ -1,0 +1,167 @@
+"""Peak host memory (RSS) per rank while a ZeRO-3 run loads its model: partitioned at load (`zero3_init: true`, the
+default) against whole on every rank (`zero3_init: false`, the old path).
+
+It writes a random LLaVA-OV checkpoint whose LLM is large enough for its weights to dominate (default: width 1536,
+16 layers, about 1.6 GB in fp32, saved in 200 MB shards like released checkpoints), then runs the training entry
+point's `build_trainer` (load, patch, freeze; no step) on N CPU processes with each setting, and reports per rank the
+RSS after imports, the peak RSS (`ru_maxrss`) and the peak above the post-import level, with the ratio after / before.
+
+    python benchmarks/zero3_loading.py                      # 2 processes, ~3 minutes on 2 cores
+    python benchmarks/zero3_loading.py --text-hidden 2048 --text-layers 16 --json rss.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(args) -> None:
+    """One rank: import everything, note RSS, build the trainer (the model loads here), note the peak."""
+    import torch.distributed as dist
+
+    from llava_manager.train.main import build_trainer
+    from llava_manager.train.recipe import load_recipe
+
+    rank = int(os.environ["RANK"])
+
+    after_imports = _rss_mb()
+    recipe = load_recipe(
+        "tiny_cpu",
+        [
+            *("--model_config", "null", "--model_name_or_path", args.checkpoint, "--processor", "null"),
+            *(
+                "--data_path",
+                str(Path(args.out) / "data" / "data.json"),
+                "--image_folder",
+                str(Path(args.out) / "data" / "images"),
+            ),
+            *("--output_dir", str(Path(args.out) / f"run-{args.zero3_init}")),
+            *("--deepspeed", "zero3", "--zero3_init", args.zero3_init, "--max_steps", "1", "--save_steps", "0"),
+            *("--per_device_train_batch_size", "1", "--check_images", "none", "--manager.llm_layers", "[0]"),
+        ],
+    )
+    trainer, _ = build_trainer(recipe)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    parameters = list(trainer.model.parameters())
+    held = sum(p.numel() * p.element_size() for p in parameters) / 2**20  # what this rank holds now
+    result = {"rank": rank, "after_imports_mb": after_imports, "peak_mb": peak, "held_weights_mb": held}
+    Path(args.out, f"{args.zero3_init}-rank{rank}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_checkpoint(folder: Path, text_hidden: int, text_layers: int) -> float:
+    """A random LLaVA-OV (tiny SigLIP, a wide LLM) with its processor; returns the weights' size in MB."""
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from llava_manager.testing.tiny import tiny_config, tiny_processor
+
+    config = tiny_config(text_hidden=text_hidden, text_layers=text_layers)
+    with torch.device("cpu"):
+        model = LlavaOnevisionForConditionalGeneration(config)
+    model.save_pretrained(folder, max_shard_size="200MB")
+    tiny_processor(config).save_pretrained(folder)
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def run(setting: str, args, checkpoint: Path, out: Path) -> list[dict]:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(args.processes),
+        __file__,
+        "--worker",
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--zero3-init",
+        setting,
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise SystemExit(f"zero3_init={setting}: no result after {args.timeout} s") from None
+    if process.returncode != 0:
+        raise SystemExit(f"zero3_init={setting} failed:\n{output[-4000:]}")
+    return [json.loads((out / f"{setting}-rank{r}.json").read_text()) for r in range(args.processes)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--text-hidden", type=int, default=1536, help="LLM width (default 1536)")
+    parser.add_argument("--text-layers", type=int, default=16, help="LLM layers (default 16)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per setting (default 900)")
+    parser.add_argument("--json", default=None, help="also write the report here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--zero3-init", dest="zero3_init", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="zero3-loading-") as tmp:
+        tmp = Path(tmp)
+        from llava_manager.testing.synthetic import write_shapes_dataset
+
+        write_shapes_dataset(tmp / "data", 4, seed=0, kinds=("single",))  # tmp/data/data.json + images/
+        weights_mb = write_checkpoint(tmp / "checkpoint", args.text_hidden, args.text_layers)
+        print(f"checkpoint: LLM width {args.text_hidden} x {args.text_layers} layers, {weights_mb:.0f} MB of weights")
+        report = {"weights_mb": weights_mb, "processes": args.processes, "results": {}}
+        for setting in ("false", "true"):
+            report["results"][setting] = run(setting, args, tmp / "checkpoint", tmp)
+    before, after = report["results"]["false"], report["results"]["true"]
+    print(
+        f"{'rank':>4} | {'zero3_init':>10} | {'after imports':>13} | {'peak RSS':>9} | {'peak - imports':>14} | held"
+    )
+    for rows in (before, after):
+        for row in rows:
+            setting = "false" if rows is before else "true"
+            print(
+                f"{row['rank']:>4} | {setting:>10} | {row['after_imports_mb']:>10.0f} MB | {row['peak_mb']:>6.0f} MB | "
+                f"{row['peak_mb'] - row['after_imports_mb']:>11.0f} MB | {row['held_weights_mb']:.0f} MB"
+            )
+    ratios = [a["peak_mb"] / b["peak_mb"] for a, b in zip(after, before)]
+    above = [
+        (a["peak_mb"] - a["after_imports_mb"]) / (b["peak_mb"] - b["after_imports_mb"]) for a, b in zip(after, before)
+    ]
+    report["peak_ratio"], report["peak_above_imports_ratio"] = ratios, above
+    print("peak RSS after / before, per rank: " + ", ".join(f"{r:.2f}" for r in ratios))
+    print("peak above the post-import level, after / before: " + ", ".join(f"{r:.2f}" for r in above))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

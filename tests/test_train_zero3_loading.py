@@ -1,0 +1,86 @@
+"""ZeRO-3 loading under `deepspeed.zero.Init` (`zero3_init`, on by default): the model is partitioned as it is built or
+loaded, before the Trainer exists, for random models, HF-format Manager checkpoints and original-format checkpoints;
+the Managers are created partitioned; `zero3_init: false` keeps the old path (whole model until training starts)."""
+
+from __future__ import annotations
+
+import deepspeed
+import pytest
+import torch
+from hub_stand_in import write_checkpoint
+from test_patch import perturb
+from train_helpers import ZERO3_PARTITIONED, eval_logits, keep_torch_threads, reload_trained, tiny_recipe
+
+from llava_manager import ManagerConfig, patch_llava
+from llava_manager.testing.tiny import tiny_model, tiny_processor
+from llava_manager.train.main import build_trainer, train
+
+_threads = pytest.fixture(autouse=True)(keep_torch_threads)
+
+
+def _partitioned(model) -> tuple[int, int]:
+    """(partitioned parameters, all parameters) of `model`."""
+    parameters = list(model.parameters())
+    return sum(hasattr(p, "ds_id") for p in parameters), len(parameters)
+
+
+@pytest.mark.parametrize("zero3_init", [True, False])
+def test_a_random_model_is_built_partitioned(tmp_path, zero3_init):
+    recipe = tiny_recipe(tmp_path, *ZERO3_PARTITIONED, "--zero3_init", str(zero3_init).lower())
+    assert recipe.partitions_at_load() is zero3_init
+    trainer, _ = build_trainer(recipe)
+    partitioned, total = _partitioned(trainer.model)
+    assert partitioned == (total if zero3_init else 0)
+    if zero3_init:  # the Managers too, created under zero.Init (empty shards, whole sizes known)
+        manager = trainer.model.model.manager
+        for name, parameter in manager.named_parameters():
+            assert parameter.numel() == 0 and parameter.ds_numel > 0, name
+        # save_managers gathers the shards: whole tensors, the values a gather gives
+        from safetensors.torch import load_file
+
+        from llava_manager import save_managers
+
+        saved = load_file(save_managers(trainer.model, tmp_path / "managers") / "managers.safetensors")
+        with deepspeed.zero.GatheredParameters(list(manager.parameters())):
+            for name, parameter in manager.named_parameters():
+                assert torch.equal(saved[f"manager.{name}"], parameter.detach()), name
+                assert saved[f"manager.{name}"].numel() == parameter.ds_numel
+
+
+def test_a_manager_checkpoint_loads_partitioned_and_trains(tmp_path):
+    """An HF-format checkpoint with non-zero Managers: loaded shard by shard, its Manager values arrive (the first
+    step's loss equals the one of the same run loaded whole), and the saved result reloads with the engine's logits."""
+    source = tmp_path / "source"
+    model = patch_llava(tiny_model(), ManagerConfig(llm_layers=[0, 2]))
+    perturb(model)
+    model.save_pretrained(source)
+    tiny_processor(model.config).save_pretrained(source)
+    common = ("--model_config", "null", "--model_name_or_path", str(source), "--processor", "null", "--max_steps", "3")
+    runs = {}
+    for flag in ("true", "false"):
+        recipe = tiny_recipe(tmp_path / flag, *ZERO3_PARTITIONED, *common, "--zero3_init", flag)
+        runs[flag] = train(recipe)
+    assert runs["true"].losses[0] == pytest.approx(runs["false"].losses[0], rel=1e-5)
+    result = runs["true"]
+    batch = result.trainer.data_collator([result.trainer.train_dataset[i] for i in range(4)])
+    batch.pop("dropped_samples")
+    torch.testing.assert_close(
+        eval_logits(reload_trained(result.output_dir), batch), eval_logits(result.trainer.model_wrapped, batch)
+    )
+
+
+def test_an_original_format_checkpoint_is_converted_whole_then_loaded_partitioned(tmp_path, monkeypatch):
+    """The conversion builds its model whole (not under the run's zero.Init); the converted folder then loads
+    partitioned, with the released Managers' values (the first loss equals the run with zero3_init false)."""
+    monkeypatch.setenv("LLAVA_MANAGER_CACHE", str(tmp_path / "cache"))
+    original = write_checkpoint("static_all_anyres", tmp_path / "repo" / "Baseline + Grid + Manager", tower=True)
+    common = ("--model_config", "null", "--model_name_or_path", str(original), "--processor", "null")
+    losses = {}
+    for flag in ("true", "false"):
+        recipe = tiny_recipe(tmp_path / flag, *ZERO3_PARTITIONED, *common, "--max_steps", "2", "--zero3_init", flag)
+        trainer, _ = build_trainer(recipe)
+        partitioned, total = _partitioned(trainer.model)
+        assert partitioned == (total if flag == "true" else 0)
+        trainer.train()
+        losses[flag] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-5)
