@@ -98,6 +98,7 @@ def worker(args) -> None:
     Path(args.out, f"{args.zero3_init}-rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():
         dist.barrier()
+        dist.destroy_process_group()
 
 
 def write_checkpoint(folder: Path, text_hidden: int, text_layers: int) -> float:

@@ -43,6 +43,8 @@ rank = int(os.environ["RANK"])
 torch.save({"manager": state, "text_only": text_only_steps, "video": video_steps, "losses": result.losses,
             "step": result.trainer.state.global_step},
            os.path.join(sys.argv[1], f"rank{rank}.pt"))
+from llava_manager.train.main import end_process_group
+end_process_group()
 """
 
 

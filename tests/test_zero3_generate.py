@@ -30,6 +30,8 @@ with torch.no_grad():
     logits = model(**batch).logits  # transformers encodes rank 0's image inside this forward
     tokens = model.generate(**batch, max_new_tokens=6 if rank == 0 else 3, do_sample=False)
 torch.save({"logits": logits, "tokens": tokens}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 

@@ -303,4 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result.trainer is not None and result.trainer.args.should_save:
         print(f"llava_manager.train: done; model in {result.output_dir}")
+    end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Close torch.distributed after a finished run: a gloo group left to interpreter shutdown can abort a rank
+    ("terminate called without an active exception") after everything was saved, and the launcher then reports the
+    run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank has finished writing
+        dist.destroy_process_group()
