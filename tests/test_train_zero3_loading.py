@@ -1,5 +1,6 @@
-"""ZeRO-3 loading under `deepspeed.zero.Init` (`zero3_init`, on by default): the model is partitioned as it is built or
-loaded, before the Trainer exists, for random models, HF-format Manager checkpoints and original-format checkpoints;
+"""ZeRO-3 loading under `deepspeed.zero.Init` (`zero3_init`, on by default): a checkpoint is partitioned as it is
+loaded, before the Trainer exists, for HF-format (Manager) checkpoints and original-format checkpoints (random models
+from a config are built whole: transformers 5.15 cannot initialise them under zero.Init);
 the Managers are created partitioned; `zero3_init: false` keeps the old path (whole model until training starts)."""
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ def _partitioned(model) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("zero3_init", [True, False])
-def test_a_random_model_is_built_partitioned(tmp_path, zero3_init):
-    recipe = tiny_recipe(tmp_path, *ZERO3_PARTITIONED, "--zero3_init", str(zero3_init).lower())
+def test_a_checkpoint_is_loaded_partitioned(tmp_path, zero3_init):
+    source = tmp_path / "source"
+    base = tiny_model()
+    base.save_pretrained(source)
+    tiny_processor(base.config).save_pretrained(source)
+    recipe = tiny_recipe(
+        tmp_path,
+        *ZERO3_PARTITIONED,
+        *("--model_config", "null", "--model_name_or_path", str(source), "--processor", "null"),
+        *("--zero3_init", str(zero3_init).lower()),
+    )
     assert recipe.partitions_at_load() is zero3_init
     trainer, _ = build_trainer(recipe)
     partitioned, total = _partitioned(trainer.model)

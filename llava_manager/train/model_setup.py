@@ -61,7 +61,13 @@ def load_for_training(recipe: Recipe):
             )
         transformers.set_seed(recipe.seed)
         import_model_modules(config)
-        model = AutoModelForImageTextToText.from_config(config)
+        # built whole even under ZeRO-3 (DeepSpeed partitions it when training starts): transformers 5.15's
+        # from_config under zero.Init initialises empty shards ("Fan in and fan out can not be computed ...");
+        # random models are small (tests, the demo; `llava-manager build` writes a checkpoint that loads partitioned)
+        from ..checkpoint.loading import _without_zero3_init
+
+        with _without_zero3_init():
+            model = AutoModelForImageTextToText.from_config(config)
         model.name_or_path = ""  # a random model: not the config file (PEFT would look for weights there)
         processor = _processor_for(recipe, config)
     else:
