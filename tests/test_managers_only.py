@@ -70,7 +70,9 @@ def test_managers_moved_onto_a_fresh_base_give_identical_logits(tmp_path, case):
 def test_without_include_only_the_managers_travel(tmp_path):
     trained = _trained(CASES["static"][0])
     save_managers(trained, tmp_path / "m")
-    with __import__("safetensors").safe_open(str(tmp_path / "m" / WEIGHTS_NAME), "pt") as weights:
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m" / WEIGHTS_NAME), "pt") as weights:
         keys = sorted(weights.keys())  # noqa: SIM118
     assert keys == sorted(f"manager.{name}" for name in trained.model.manager.state_dict())
     base = tiny_model()
@@ -227,20 +229,23 @@ def test_a_corrupt_weights_file_is_named(tmp_path):
 def test_a_training_run_writes_managers_that_rebuild_it_on_its_base(tmp_path):
     """`train` from a base checkpoint, Managers and projector trained: `OUT/managers` on that base gives exactly the
     logits of the run's full model (ZeRO-2, one process)."""
-    from train_helpers import eval_logits, keep_torch_threads, reload_trained, tiny_recipe
+    from train_helpers import (
+        eval_logits,
+        from_checkpoint,
+        keep_torch_threads,
+        reload_trained,
+        save_checkpoint,
+        tiny_recipe,
+    )
 
-    from llava_manager.testing.tiny import tiny_processor
     from llava_manager.train.main import train
 
     threads = keep_torch_threads()
     next(threads)
-    base_dir = tmp_path / "base"
-    base = tiny_model()
-    base.save_pretrained(base_dir)
-    tiny_processor(base.config).save_pretrained(base_dir)
+    base_dir = save_checkpoint(tiny_model(), tmp_path / "base")
     recipe = tiny_recipe(
         tmp_path,
-        *("--model_config", "null", "--model_name_or_path", str(base_dir), "--processor", "null"),
+        *from_checkpoint(base_dir),
         *("--train_parts", "manager,projector", "--deepspeed", "zero2", "--max_steps", "3"),
     )
     result = train(recipe)
@@ -273,11 +278,9 @@ def test_managers_of_a_run_that_trained_the_llm_warn_on_load(tmp_path):
 @pytest.fixture
 def base_and_managers(tmp_path):
     """A base checkpoint folder (model + processor) and Managers trained on it (projector included)."""
-    from llava_manager.testing.tiny import tiny_processor
+    from train_helpers import save_checkpoint
 
-    base = tiny_model()
-    base.save_pretrained(tmp_path / "base")
-    tiny_processor(base.config).save_pretrained(tmp_path / "base")
+    save_checkpoint(tiny_model(), tmp_path / "base")
     trained = _trained(CASES["static"][0])
     save_managers(trained, tmp_path / "managers", include=("projector", "image_newline"))
     return tmp_path / "base", tmp_path / "managers", trained

@@ -10,10 +10,18 @@ import pytest
 import torch
 from hub_stand_in import write_checkpoint
 from test_patch import perturb
-from train_helpers import ZERO3_PARTITIONED, eval_logits, keep_torch_threads, reload_trained, tiny_recipe
+from train_helpers import (
+    ZERO3_PARTITIONED,
+    eval_logits,
+    from_checkpoint,
+    keep_torch_threads,
+    reload_trained,
+    save_checkpoint,
+    tiny_recipe,
+)
 
 from llava_manager import ManagerConfig, patch_llava
-from llava_manager.testing.tiny import tiny_model, tiny_processor
+from llava_manager.testing.tiny import tiny_model
 from llava_manager.train.main import build_trainer, train
 
 _threads = pytest.fixture(autouse=True)(keep_torch_threads)
@@ -27,15 +35,9 @@ def _partitioned(model) -> tuple[int, int]:
 
 @pytest.mark.parametrize("zero3_init", [True, False])
 def test_a_checkpoint_is_loaded_partitioned(tmp_path, zero3_init):
-    source = tmp_path / "source"
-    base = tiny_model()
-    base.save_pretrained(source)
-    tiny_processor(base.config).save_pretrained(source)
+    source = save_checkpoint(tiny_model(), tmp_path / "source")
     recipe = tiny_recipe(
-        tmp_path,
-        *ZERO3_PARTITIONED,
-        *("--model_config", "null", "--model_name_or_path", str(source), "--processor", "null"),
-        *("--zero3_init", str(zero3_init).lower()),
+        tmp_path, *ZERO3_PARTITIONED, *from_checkpoint(source), "--zero3_init", str(zero3_init).lower()
     )
     assert recipe.partitions_at_load() is zero3_init
     trainer, _ = build_trainer(recipe)
@@ -60,12 +62,9 @@ def test_a_checkpoint_is_loaded_partitioned(tmp_path, zero3_init):
 def test_a_manager_checkpoint_loads_partitioned_and_trains(tmp_path):
     """An HF-format checkpoint with non-zero Managers: loaded shard by shard, its Manager values arrive (the first
     step's loss equals the one of the same run loaded whole), and the saved result reloads with the engine's logits."""
-    source = tmp_path / "source"
     model = patch_llava(tiny_model(), ManagerConfig(llm_layers=[0, 2]))
     perturb(model)
-    model.save_pretrained(source)
-    tiny_processor(model.config).save_pretrained(source)
-    common = ("--model_config", "null", "--model_name_or_path", str(source), "--processor", "null", "--max_steps", "3")
+    common = (*from_checkpoint(save_checkpoint(model, tmp_path / "source")), "--max_steps", "3")
     runs = {}
     for flag in ("true", "false"):
         recipe = tiny_recipe(tmp_path / flag, *ZERO3_PARTITIONED, *common, "--zero3_init", flag)
@@ -84,7 +83,7 @@ def test_an_original_format_checkpoint_is_converted_whole_then_loaded_partitione
     partitioned, with the released Managers' values (the first loss equals the run with zero3_init false)."""
     monkeypatch.setenv("LLAVA_MANAGER_CACHE", str(tmp_path / "cache"))
     original = write_checkpoint("static_all_anyres", tmp_path / "repo" / "Baseline + Grid + Manager", tower=True)
-    common = ("--model_config", "null", "--model_name_or_path", str(original), "--processor", "null")
+    common = from_checkpoint(original)
     losses = {}
     for flag in ("true", "false"):
         recipe = tiny_recipe(tmp_path / flag, *ZERO3_PARTITIONED, *common, "--max_steps", "2", "--zero3_init", flag)

@@ -55,6 +55,20 @@ def tiny_recipe(tmp_path: Path, *overrides: str, n: int = 12, kinds=("single", "
     return load_recipe("tiny_cpu", base + list(overrides))
 
 
+def save_checkpoint(model, folder: Path) -> Path:
+    """`model` and its tiny processor saved in HF format in `folder` (a base a recipe can start from)."""
+    from llava_manager.testing.tiny import tiny_processor
+
+    model.save_pretrained(folder)
+    tiny_processor(model.config).save_pretrained(folder)
+    return folder
+
+
+def from_checkpoint(folder: Path) -> tuple[str, ...]:
+    """Recipe overrides that start from the checkpoint in `folder` instead of tiny_cpu's random model."""
+    return ("--model_config", "null", "--model_name_or_path", str(folder), "--processor", "null")
+
+
 def keep_torch_threads():
     """Generator for an autouse fixture: training sets torch threads (recipe cpu_threads); restore them."""
     import torch

@@ -114,8 +114,6 @@ def save_managers(
             + (" without Managers" if llava is not None and is_patched(model) else "")
         )
     folder = Path(save_directory)
-    if folder.exists() and not overwrite:
-        raise ManagerError(f"{folder} exists; pass overwrite=True to replace it, or choose another folder")
     state = _saved_state(llava, include)
     base_name = getattr(model.config, "_name_or_path", "") or ""
     config = _config_dict(model.config, include, base_name, trained_parts, next(iter(state.values())).dtype)
@@ -148,6 +146,8 @@ def _config_dict(model_config, include, base_name: str, trained_parts, dtype) ->
 def _write(folder: Path, state: dict, config: dict, overwrite: bool) -> None:
     from safetensors.torch import save_file
 
+    if folder.exists() and not overwrite:
+        raise ManagerError(f"{folder} exists; pass overwrite=True to replace it, or choose another folder")
     with atomic_directory(folder, replace=overwrite) as temporary:
         save_file(state, str(temporary / WEIGHTS_NAME), metadata={"format": "pt"})
         (temporary / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -202,8 +202,6 @@ def save_managers_from_checkpoint(
         raise ManagerError(f"{checkpoint_dir}: no Manager tensors in its weights")
     config = _config_dict(model_config, include, base_name, trained_parts, next(iter(state.values())).dtype)
     folder = Path(save_directory)
-    if folder.exists() and not overwrite:
-        raise ManagerError(f"{folder} exists; pass overwrite=True to replace it, or choose another folder")
     _write(folder, state, config, overwrite)
     return folder
 
@@ -377,7 +375,7 @@ def _copy_into(llava, state: dict[str, torch.Tensor], where: str) -> None:
     missing = sorted(k for k in targets if k not in state)
     for key in state:
         if key not in targets and any(key == p or key.startswith(p) for p in PARTS.values()):
-            targets[key] = llava.get_parameter(key) if "." in key else getattr(llava, key)
+            targets[key] = llava.get_parameter(key)
     unknown = sorted(k for k in state if k not in targets)
     wrong = [
         f"{k} {tuple(state[k].shape)} vs {tuple(targets[k].shape)}"
