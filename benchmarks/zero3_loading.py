@@ -1,13 +1,14 @@
-"""Peak host memory (RSS) per rank while a ZeRO-3 run loads its model: partitioned at load (`zero3_init: true`, the
-default) against whole on every rank (`zero3_init: false`, the old path).
+"""Peak host memory (RSS) per rank while a ZeRO-3 run loads its model, before and after partitioning at load.
 
 It writes a random LLaVA-OV checkpoint whose LLM is large enough for its weights to dominate (default: width 1536,
-16 layers, about 1.6 GB in fp32, saved in 200 MB shards like released checkpoints), then runs the training entry
-point (load, patch, freeze, one step training only the Managers) on N CPU processes with each setting, and reports per rank the
-RSS after imports and the peaks of RSS and of anonymous RSS (the process's own memory, without mmap'ed checkpoint
-pages) while loading and up to the end of the first training step, with the ratios after / before.
+16 layers, 1.3 GB in fp32, saved in 200 MB shards like released checkpoints), then runs the training entry point
+(load, patch, freeze, one step training only the Managers) on N CPU processes in three settings: "before" (the old
+code: `zero3_init: false`, every rank loads the whole model, glibc's adaptive mmap threshold), "whole" (`zero3_init:
+false` today: with `train.host_memory`'s fixed threshold) and "partitioned" (`zero3_init: true`, the default). It
+reports per rank the RSS after imports and the peaks of RSS and of anonymous RSS (the process's own memory, without
+mmap'ed checkpoint pages) while loading and up to the end of the first training step, with the ratios to "before".
 
-    python benchmarks/zero3_loading.py                      # 2 processes, ~3 minutes on 2 cores
+    python benchmarks/zero3_loading.py                      # 2 processes, ~4 minutes on 2 cores
     python benchmarks/zero3_loading.py --text-hidden 2048 --text-layers 16 --json rss.json
 """
 
@@ -61,12 +62,17 @@ class PeakSampler:
 def worker(args) -> None:
     """One rank: import everything, note memory, build the trainer (the model loads here) and run one step (DeepSpeed
     partitions the model here if it did not at load; only the Managers train, so optimizer states stay small)."""
+    import time
+
     import torch.distributed as dist
 
+    from llava_manager.train import host_memory
     from llava_manager.train.main import build_trainer
     from llava_manager.train.recipe import load_recipe
 
     rank = int(os.environ["RANK"])
+    if args.allocator == "glibc":  # the code before host_memory: glibc's adaptive mmap threshold
+        host_memory.return_freed_tensors = lambda *a, **k: False
     after_imports = _status_mb()
     recipe = load_recipe(
         "tiny_cpu",
@@ -74,15 +80,25 @@ def worker(args) -> None:
             *("--model_config", "null", "--model_name_or_path", args.checkpoint, "--processor", "null"),
             *("--data_path", str(Path(args.out) / "data" / "data.json")),
             *("--image_folder", str(Path(args.out) / "data" / "images")),
-            *("--output_dir", str(Path(args.out) / f"run-{args.zero3_init}")),
+            *("--output_dir", str(Path(args.out) / f"run-{args.setting}")),
             *("--deepspeed", "zero3", "--zero3_init", args.zero3_init, "--max_steps", "1", "--save_steps", "0"),
             *("--per_device_train_batch_size", "1", "--check_images", "none", "--manager.llm_layers", "[0]"),
             *("--train_parts", "manager"),
         ],
     )
+    from transformers import TrainerCallback
+
     sampler = PeakSampler()
-    trainer, _ = build_trainer(recipe)
+    at_ready = {}
+
+    class AtTrainBegin(TrainerCallback):  # DeepSpeed's engine exists (the model is partitioned), no step ran yet
+        def on_train_begin(self, *_, **__):
+            at_ready.update(sampler.peaks)
+
+    start = time.perf_counter()
+    trainer, _ = build_trainer(recipe, callbacks=[AtTrainBegin()])
     at_load = dict(sampler.peaks)
+    loaded = time.perf_counter()
     trainer.train()
     peaks = sampler.stop()
     result = {
@@ -91,11 +107,15 @@ def worker(args) -> None:
         "after_imports_anon_mb": after_imports["RssAnon"],
         "load_peak_mb": at_load["VmRSS"],
         "load_peak_anon_mb": at_load["RssAnon"],
+        "ready_peak_mb": at_ready["VmRSS"],
+        "ready_peak_anon_mb": at_ready["RssAnon"],
         "peak_mb": peaks["VmRSS"],
         "peak_anon_mb": peaks["RssAnon"],
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_s": loaded - start,
+        "train_s": time.perf_counter() - loaded,
     }
-    Path(args.out, f"{args.zero3_init}-rank{rank}.json").write_text(json.dumps(result))
+    Path(args.out, f"{args.setting}-rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -116,7 +136,16 @@ def write_checkpoint(folder: Path, text_hidden: int, text_layers: int) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
-def run(setting: str, args, checkpoint: Path, out: Path) -> list[dict]:
+#: (name, zero3_init, allocator): the old code, the old loading path today, loading partitioned today
+SETTINGS = (
+    ("before", "false", "glibc"),
+    ("whole", "false", "fixed"),
+    ("partitioned", "true", "fixed"),
+)
+
+
+def run(setting: tuple[str, str, str], args, checkpoint: Path, out: Path) -> list[dict]:
+    name, zero3_init, allocator = setting
     command = [
         sys.executable,
         "-m",
@@ -131,7 +160,11 @@ def run(setting: str, args, checkpoint: Path, out: Path) -> list[dict]:
         "--out",
         str(out),
         "--zero3-init",
-        setting,
+        zero3_init,
+        "--allocator",
+        allocator,
+        "--setting",
+        name,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -142,10 +175,10 @@ def run(setting: str, args, checkpoint: Path, out: Path) -> list[dict]:
         output, _ = process.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        raise SystemExit(f"zero3_init={setting}: no result after {args.timeout} s") from None
+        raise SystemExit(f"{name}: no result after {args.timeout} s") from None
     if process.returncode != 0:
-        raise SystemExit(f"zero3_init={setting} failed:\n{output[-4000:]}")
-    return [json.loads((out / f"{setting}-rank{r}.json").read_text()) for r in range(args.processes)]
+        raise SystemExit(f"{name} failed:\n{output[-4000:]}")
+    return [json.loads((out / f"{name}-rank{r}.json").read_text()) for r in range(args.processes)]
 
 
 def main(argv=None) -> int:
@@ -159,6 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--zero3-init", dest="zero3_init", help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=("glibc", "fixed"), help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
@@ -172,23 +207,33 @@ def main(argv=None) -> int:
         weights_mb = write_checkpoint(tmp / "checkpoint", args.text_hidden, args.text_layers)
         print(f"checkpoint: LLM width {args.text_hidden} x {args.text_layers} layers, {weights_mb:.0f} MB of weights")
         report = {"weights_mb": weights_mb, "processes": args.processes, "results": {}}
-        for setting in ("false", "true"):
-            report["results"][setting] = run(setting, args, tmp / "checkpoint", tmp)
-    before, after = report["results"]["false"], report["results"]["true"]
-    print("MB per rank; peak = up to the end of the first step; anon = the process's own memory (RssAnon), the rest")
-    print("of RSS is file-backed (mmap'ed safetensors pages: shared page cache)")
-    print(f"{'rank':>4} | {'zero3_init':>10} | {'imports':>7} | {'load peak (anon)':>16} | {'peak (anon)':>16}")
-    for setting, rows in (("false", before), ("true", after)):
-        for row in rows:
+        for setting in SETTINGS:
+            report["results"][setting[0]] = run(setting, args, tmp / "checkpoint", tmp)
+    results = report["results"]
+    print("MB per rank. before: zero3_init false with glibc's adaptive mmap threshold (the code before this change);")
+    print("whole: zero3_init false, fixed threshold; partitioned: zero3_init true (the default), fixed threshold.")
+    print("load = until the Trainer exists; ready = until DeepSpeed's engine exists (the model is partitioned: the")
+    print("loading peak); step = up to the end of the first step; anon = the process's own memory (RssAnon), the")
+    print("rest of RSS is file-backed (shared libraries, mmap'ed checkpoint pages: page cache)")
+    peaks = " | ".join(f"{p + ' peak (anon)':>16}" for p in ("load", "ready", "step"))
+    print(f"{'rank':>4} | {'setting':>11} | {'imports':>7} | {peaks} | load s | step s")
+    for name, *_ in SETTINGS:
+        for row in results[name]:
             print(
-                f"{row['rank']:>4} | {setting:>10} | {row['after_imports_mb']:>7.0f} | "
+                f"{row['rank']:>4} | {name:>11} | {row['after_imports_mb']:>7.0f} | "
                 f"{row['load_peak_mb']:>7.0f} ({row['load_peak_anon_mb']:>5.0f}) | "
-                f"{row['peak_mb']:>7.0f} ({row['peak_anon_mb']:>5.0f})"
+                f"{row['ready_peak_mb']:>7.0f} ({row['ready_peak_anon_mb']:>5.0f}) | "
+                f"{row['peak_mb']:>7.0f} ({row['peak_anon_mb']:>5.0f}) | {row['load_s']:>6.1f} | {row['train_s']:>6.1f}"
             )
-    for key, label in (("peak_mb", "peak RSS"), ("peak_anon_mb", "peak anonymous RSS")):
-        ratios = [a[key] / b[key] for a, b in zip(after, before)]
-        report[f"ratio_{key}"] = ratios
-        print(f"{label} after / before, per rank: " + ", ".join(f"{r:.2f}" for r in ratios))
+    for after_name in ("whole", "partitioned"):
+        for key, label in (
+            ("ready_peak_mb", "loading peak RSS"),
+            ("ready_peak_anon_mb", "loading peak anonymous RSS"),
+            ("peak_mb", "peak RSS to the end of step 1"),
+        ):
+            ratios = [a[key] / b[key] for a, b in zip(results[after_name], results["before"])]
+            report[f"ratio_{after_name}_{key}"] = ratios
+            print(f"{label}, {after_name} / before, per rank: " + ", ".join(f"{r:.2f}" for r in ratios))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

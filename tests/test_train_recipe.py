@@ -188,6 +188,14 @@ def test_overrides_are_typed():
         (["--manager", "null"], r"'train_parts'.*'manager' is null"),
         (["--lora", "{r: 8}", "--train_parts", "manager"], r"'lora'.*add 'language_model'"),
         (["--gradient_accumulation_steps", "auto"], r"'auto' needs global_batch_size"),
+        (["--fsdp", "fsdp3"], r"'fsdp' = 'fsdp3'.*no such file.*fsdp2, fsdp2_offload"),
+        (["--fsdp", "fsdp2", "--deepspeed", "zero3"], r"'fsdp'.*DeepSpeed or FSDP, not both: set deepspeed: null"),
+        (["--fsdp", "{version: 1}", "--deepspeed", "null"], r"'fsdp'.*only FSDP2.*\"version\": 2"),
+        (
+            ["--fsdp", "fsdp2", "--deepspeed", "null", "--gradient_checkpointing", "true"],
+            r"'gradient_checkpointing'.*activation_checkpointing",
+        ),
+        (["--fsdp", "[1]"], r"'fsdp'.*JSON path, a shipped name"),
     ],
 )
 def test_bad_recipe_values_name_the_key(overrides, match):
@@ -208,6 +216,24 @@ def test_recipe_file_errors(tmp_path):
     optimizer.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
     with pytest.raises(RecipeError, match="remove the DeepSpeed 'optimizer' block"):
         load_recipe("tiny_cpu", ["--deepspeed", str(optimizer)])
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "fsdp2_offload"])
+def test_fsdp_configs_become_trainer_fsdp2_plugins(name):
+    """The shipped FSDP2 configs: decoder and SigLIP layers as units, activation checkpointing, full state dicts
+    on save; TrainingArguments turns them into accelerate's FSDP2 plugin arguments."""
+    from llava_manager.train.arguments import training_arguments
+
+    recipe = load_recipe("tiny_cpu", ["--fsdp", name, "--deepspeed", "null", "--fsdp.reshard_after_forward", "false"])
+    assert recipe.distributed() == "fsdp" and recipe.zero_stage() == 0
+    args = training_arguments(recipe, 1, None)
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2
+    assert plugin["transformer_cls_names_to_wrap"] == "Qwen2DecoderLayer,SiglipEncoderLayer"
+    assert plugin["activation_checkpointing"] is True and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["reshard_after_forward"] is False  # the dotted override reached into the shipped file's keys
+    assert bool(plugin.get("cpu_offload")) == (name == "fsdp2_offload")
+    assert args.deepspeed is None
 
 
 def test_global_batch_must_add_up():

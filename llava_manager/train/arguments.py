@@ -24,6 +24,8 @@ def training_arguments(recipe: Recipe, accumulation: int, deepspeed_config: dict
         "gradient_checkpointing": recipe.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if recipe.gradient_checkpointing else None,
         "deepspeed": deepspeed_config,
+        "fsdp": recipe.fsdp is not None,
+        "fsdp_config": recipe.fsdp_config(),
         "logging_steps": recipe.logging_steps,
         "save_strategy": "steps" if recipe.save_steps > 0 else "no",
         "save_steps": recipe.save_steps if recipe.save_steps > 0 else 500,

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import ManagerError
+from . import host_memory
 from .arguments import training_arguments
 from .environment import prepare_environment
 from .model_setup import (
@@ -124,8 +125,12 @@ def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
 
     All input errors are raised before `TrainingArguments`, which starts the process group."""
     deepspeed_config = recipe.deepspeed_config()
-    prepare_environment(uses_deepspeed=deepspeed_config is not None, cpu_threads=recipe.cpu_threads)
+    prepare_environment(
+        uses_deepspeed=deepspeed_config is not None, cpu_threads=recipe.cpu_threads, uses_fsdp=recipe.fsdp is not None
+    )
     accumulation = resolve_accumulation(recipe, world_size_from_env())
+    if recipe.zero_stage() == 3:  # whole modules are created / gathered and freed again and again: see host_memory
+        host_memory.return_freed_tensors()
 
     # 1. everything that can be wrong, checked before any process group starts (but the model under ZeRO-3 with
     #    zero3_init: transformers loads it under deepspeed.zero.Init, which needs the DeepSpeed config and the

@@ -8,7 +8,7 @@ the key (and the file), before anything heavy is imported or any process group s
 
 Relative paths are tried against the current directory first, then the recipe's directory. Bare
 names resolve to the shipped configs: `deepspeed: zero3` -> `configs/deepspeed/zero3.json`,
-`model_config: tiny` -> `configs/models/tiny.json`, and the recipe itself: `tiny_cpu` ->
+`fsdp: fsdp2` -> `configs/fsdp/fsdp2.json`, `model_config: tiny` -> `configs/models/tiny.json`, and the recipe itself: `tiny_cpu` ->
 `configs/recipes/tiny_cpu.yaml` (then `configs/ablations/`: the paper's ablations, `layers_20_26` ...).
 
 A recipe may start from another (`base: stage2_si`) and change only some keys; the nested mappings merge key by
@@ -155,6 +155,13 @@ class Recipe:
         metadata={
             "help": "ZeRO-3: load / build the model already partitioned (deepspeed.zero.Init), so no rank holds it "
             "whole; false loads it whole on every rank and partitions it when training starts"
+        },
+    )
+    fsdp: Any = field(
+        default=None,
+        metadata={
+            "help": "PyTorch FSDP2 instead of DeepSpeed: TrainingArguments.fsdp_config as a JSON path, shipped name "
+            "(fsdp2, fsdp2_offload) or mapping"
         },
     )
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
@@ -346,6 +353,7 @@ class Recipe:
         if self.deepspeed is not None and not isinstance(self.deepspeed, (str, dict)):
             raise self._err("deepspeed", self.deepspeed, "use a JSON path, a shipped name (zero2, zero3) or a mapping")
         self.deepspeed_config()  # the file exists, is JSON, has no optimizer block
+        self._validate_fsdp()
         self._int("logging_steps", minimum=1)
         self._int("save_steps", minimum=0)
         if self.save_total_limit is not None:
@@ -361,6 +369,25 @@ class Recipe:
                 "resume_from_checkpoint", self.resume_from_checkpoint, "use a checkpoint dir, true or null"
             )
 
+    def _validate_fsdp(self) -> None:
+        if self.fsdp is None:
+            return
+        if not isinstance(self.fsdp, (str, dict)):
+            raise self._err("fsdp", self.fsdp, "use a JSON path, a shipped name (fsdp2, fsdp2_offload) or a mapping")
+        config = self.fsdp_config()
+        shown = self.fsdp if isinstance(self.fsdp, str) else "{...}"
+        if self.deepspeed is not None:
+            raise self._err("fsdp", shown, "a run uses DeepSpeed or FSDP, not both: set deepspeed: null")
+        if int(config.get("version", 2)) != 2:
+            raise self._err("fsdp", shown, 'only FSDP2 is supported: set "version": 2 (FSDP1 is deprecated)')
+        if self.gradient_checkpointing and config.get("activation_checkpointing"):
+            raise self._err(
+                "gradient_checkpointing",
+                True,
+                "the FSDP config already checkpoints activations (activation_checkpointing); set "
+                "gradient_checkpointing: false (both would recompute twice)",
+            )
+
     def _validate_training_args(self) -> None:
         """`training_args`: TrainingArguments fields the recipe does not own."""
         if not isinstance(self.training_args, dict):
@@ -369,7 +396,13 @@ class Recipe:
             from transformers import TrainingArguments
 
             allowed = {f.name for f in dataclasses.fields(TrainingArguments)}
-            owned = set(self.keys()) | {"learning_rate", "output_dir", "deepspeed", "remove_unused_columns"}
+            owned = set(self.keys()) | {
+                "learning_rate",
+                "output_dir",
+                "deepspeed",
+                "fsdp_config",
+                "remove_unused_columns",
+            }
             for name in self.training_args:
                 if name not in allowed:
                     raise self._err(
@@ -466,11 +499,24 @@ class Recipe:
             raise self._err("deepspeed", self.deepspeed if isinstance(self.deepspeed, str) else "{...}", _NO_OPTIMIZER)
         return config
 
+    def fsdp_config(self) -> dict | None:
+        """The FSDP2 config (`TrainingArguments.fsdp_config`) as a dict; None without FSDP."""
+        if self.fsdp is None:
+            return None
+        return _load_json_config(self.fsdp, "fsdp", "fsdp2, fsdp2_offload", self.base_dir, self.source)
+
+    def distributed(self) -> str | None:
+        """ "deepspeed", "fsdp" or None: what shards the run."""
+        return "deepspeed" if self.deepspeed is not None else "fsdp" if self.fsdp is not None else None
+
+    def zero_stage(self) -> int:
+        """The DeepSpeed ZeRO stage of the run; 0 without DeepSpeed."""
+        config = self.deepspeed_config()
+        return int(((config or {}).get("zero_optimization") or {}).get("stage", 0))
+
     def partitions_at_load(self) -> bool:
         """True when the model is loaded under `deepspeed.zero.Init` (a ZeRO-3 config and `zero3_init`)."""
-        config = self.deepspeed_config()
-        stage = ((config or {}).get("zero_optimization") or {}).get("stage", 0)
-        return bool(self.zero3_init) and config is not None and stage == 3
+        return bool(self.zero3_init) and self.zero_stage() == 3
 
     def model_config_path(self) -> Path:
         found = find_config(self.model_config, "models", (".json",), self.base_dir)
@@ -486,21 +532,28 @@ _NO_OPTIMIZER = (
 
 
 def _load_deepspeed(value: str | dict, base_dir: Path | None, source: str | None) -> dict:
+    return _load_json_config(value, "deepspeed", "zero2, zero3, zero3_offload", base_dir, source)
+
+
+def _load_json_config(value: str | dict, key: str, names: str, base_dir: Path | None, source: str | None) -> dict:
+    """A JSON config named by recipe key `key` (also its folder of shipped configs): a mapping, a path or a name."""
     if isinstance(value, dict):
         return dict(value)
     where = f" (recipe {source})" if source else ""
-    found = find_config(value, "deepspeed", (".json",), base_dir)
+    found = find_config(value, key, (".json",), base_dir)
     if found is None:
         raise RecipeError(
-            f"recipe key 'deepspeed' = {value!r} is invalid{where}: no such file and not a shipped name "
-            "(zero2, zero3, zero3_offload)."
+            f"recipe key {key!r} = {value!r} is invalid{where}: no such file and not a shipped name ({names})."
         )
     try:
-        return json.loads(found.read_text())
+        config = json.loads(found.read_text())
     except json.JSONDecodeError as error:
         raise RecipeError(
-            f"recipe key 'deepspeed' = {value!r} is invalid{where}: {found} is not JSON ({error})."
+            f"recipe key {key!r} = {value!r} is invalid{where}: {found} is not JSON ({error})."
         ) from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"recipe key {key!r} = {value!r} is invalid{where}: {found} holds no JSON object.")
+    return config
 
 
 def _suggest(name: str, choices) -> str:
@@ -601,7 +654,7 @@ def merge_recipe_data(base: dict[str, Any], changes: dict[str, Any]) -> dict[str
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str | None = None) -> dict[str, Any]:
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     keys = Recipe.keys()
-    nested = {"manager", "learning_rates", "lora", "training_args", "deepspeed"}
+    nested = {"manager", "learning_rates", "lora", "training_args", "deepspeed", "fsdp"}
     for key, value in overrides.items():
         head, dot, rest = key.partition(".")
         if head not in keys:
@@ -610,9 +663,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str
             if head not in nested:
                 raise RecipeError(f"recipe key {head!r} has no sub-keys (got --{key})")
             current = data.get(head)
-            if head == "deepspeed" and current is not None:
+            if head in ("deepspeed", "fsdp") and isinstance(current, str):
                 base_dir = Path(source).resolve().parent if source else None
-                current = _load_deepspeed(current, base_dir, source)
+                names = "zero2, zero3, zero3_offload" if head == "deepspeed" else "fsdp2, fsdp2_offload"
+                current = _load_json_config(current, head, names, base_dir, source)
             current = dict(current or {})
             target = current
             parts = rest.split(".")
