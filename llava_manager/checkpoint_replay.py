@@ -6,8 +6,10 @@ backward recomputes the layer. By then the forward has returned and its per-forw
 the replayed hook would add nothing: the recomputed layer would differ from the original (torch raises "A different
 number of tensors was saved", or, worse, the gradients are silently wrong).
 
-So on those releases, while a checkpointed layer runs in training, the hook pins its injection plan to the layer's
-input tensor; the non-reentrant recompute calls the layer with that same tensor object and finds the plan there. The
+The same holds on every release when a wrapper checkpoints the layer from outside (FSDP's `activation_checkpointing`,
+torch's `apply_activation_checkpointing`: the layer sits inside a `CheckpointWrapper`, which the hook cannot see).
+
+So in every training forward with gradients, the hook pins its injection plan to the layer's input tensor; the non-reentrant recompute calls the layer with that same tensor object and finds the plan there. The
 plan lives as long as the input does (which the checkpoint keeps until the backward). Reentrant checkpointing calls
 the recompute with detached copies and would backpropagate into the shared Manager features once per layer, so it is
 refused with a clear error there.
@@ -50,10 +52,15 @@ def plan_for_layer(layer: nn.Module, hidden: torch.Tensor, plan):
     replay = getattr(hidden, _PLAN_ATTRIBUTE, None)
     if replay is not None:
         return replay
-    checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training
-    if plan is None or not checkpointed or not hooks_run_inside_checkpoint(type(layer)):
+    if plan is None or not layer.training:
         return plan
-    if plan.grad_enabled and not torch.is_grad_enabled():  # the first, no-grad pass of a reentrant checkpoint
-        raise ManagerError(REENTRANT_UNSUPPORTED)
-    setattr(hidden, _PLAN_ATTRIBUTE, plan)
+    replayed_by_transformers = getattr(layer, "gradient_checkpointing", False) and hooks_run_inside_checkpoint(
+        type(layer)
+    )
+    if replayed_by_transformers and plan.grad_enabled and not torch.is_grad_enabled():
+        raise ManagerError(REENTRANT_UNSUPPORTED)  # the first, no-grad pass of a reentrant checkpoint
+    if torch.is_grad_enabled():
+        # pinned in every training forward: a checkpoint wrapper *around* the layer (FSDP's activation
+        # checkpointing, torch's apply_activation_checkpointing) replays the hooks too and cannot be seen from here
+        setattr(hidden, _PLAN_ATTRIBUTE, plan)
     return plan

@@ -198,12 +198,19 @@ def _gradients(config_name, checkpointing_kwargs=None):
     perturb(model)
     model.train()
     model.model.manager.apply(lambda m: setattr(m, "jitter", 0.0) if hasattr(m, "jitter") else None)
-    if checkpointing_kwargs is not None:
+    if checkpointing_kwargs == "wrapper":  # torch's checkpoint wrapper around each layer (FSDP's way): hooks inside
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        layer_class = type(model.model.language_model.layers[0])
+        apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, layer_class))
+        assert type(model.model.language_model.layers[0]).__name__ == "CheckpointWrapper"
+    elif checkpointing_kwargs is not None:
         # transformers 5.24 renamed it (the old name warns, and goes in v6)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable(checkpointing_kwargs)
     model(**batch, labels=batch["input_ids"]).loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    names = ((n.replace("_checkpoint_wrapped_module.", ""), p) for n, p in model.named_parameters())
+    return {n: p.grad.clone() for n, p in names if p.grad is not None}
 
 
 CHECKPOINTED_CONFIGS = {
@@ -221,6 +228,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(config_name):
     assert plain.keys() == checkpointed.keys() and any("manager" in name for name in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("config_name", CHECKPOINTED_CONFIGS)
+def test_a_checkpoint_wrapper_around_the_layers_gives_the_same_gradients(config_name):
+    """FSDP's activation checkpointing wraps each decoder layer from outside, so the Manager hooks run inside the
+    checkpointed region and again in the backward on every transformers release (without the replay the backward
+    fails: 'A different number of tensors was saved')."""
+    plain, wrapped = _gradients(config_name), _gradients(config_name, "wrapper")
+    assert plain.keys() == wrapped.keys() and any("manager" in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(wrapped[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_reentrant_checkpointing_is_exact_or_refused():

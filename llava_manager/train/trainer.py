@@ -127,6 +127,14 @@ class ManagerTrainer(Trainer):
         self.dropped_samples: set[str] = set()
         super().__init__(*args, **kwargs)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:  # a CPU-only run: see fsdp.py
+            from .fsdp import switch_on_fsdp
+
+            switch_on_fsdp(self.accelerator, self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
     # ---- optimizer -----------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         opt_model = self.model if model is None else model
