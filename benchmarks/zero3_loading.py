@@ -2,14 +2,16 @@
 
 It writes a random LLaVA-OV checkpoint whose LLM is large enough for its weights to dominate (default: width 1536,
 16 layers, 1.3 GB in fp32, saved in 200 MB shards like released checkpoints), then runs the training entry point
-(load, patch, freeze, one step training only the Managers) on N CPU processes in three settings: "before" (the old
-code: `zero3_init: false`, every rank loads the whole model, glibc's adaptive mmap threshold), "whole" (`zero3_init:
-false` today: with `train.host_memory`'s fixed threshold) and "partitioned" (`zero3_init: true`, the default). It
+(load, patch, freeze, one step training only the Managers) on N CPU processes in up to five settings: "before" (the
+old code: `zero3_init: false`, every rank loads the whole model, glibc's adaptive mmap threshold), "whole"
+(`zero3_init: false` today: with `train.host_memory`'s fixed threshold), "partitioned" (`zero3_init: true`, the
+default), and FSDP2 without / with `cpu_ram_efficient_loading` ("fsdp", "fsdp-efficient"; `--settings`). It
 reports per rank the RSS after imports and the peaks of RSS and of anonymous RSS (the process's own memory, without
 mmap'ed checkpoint pages) while loading and up to the end of the first training step, with the ratios to "before".
 
     python benchmarks/zero3_loading.py                      # 2 processes, ~4 minutes on 2 cores
     python benchmarks/zero3_loading.py --text-hidden 2048 --text-layers 16 --json rss.json
+    python benchmarks/zero3_loading.py --settings before,fsdp,fsdp-efficient
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def worker(args) -> None:
     from llava_manager.train.recipe import load_recipe
 
     rank = int(os.environ["RANK"])
-    if args.allocator == "glibc":  # the code before host_memory: glibc's adaptive mmap threshold
+    sharding, allocator = SETTINGS[args.setting]
+    if allocator == "glibc":  # the code before host_memory: glibc's adaptive mmap threshold
         host_memory.return_freed_tensors = lambda *a, **k: False
     after_imports = _status_mb()
     recipe = load_recipe(
@@ -81,7 +84,8 @@ def worker(args) -> None:
             *("--data_path", str(Path(args.out) / "data" / "data.json")),
             *("--image_folder", str(Path(args.out) / "data" / "images")),
             *("--output_dir", str(Path(args.out) / f"run-{args.setting}")),
-            *("--deepspeed", "zero3", "--zero3_init", args.zero3_init, "--max_steps", "1", "--save_steps", "0"),
+            *sharding,
+            *("--max_steps", "1", "--save_steps", "0"),
             *("--per_device_train_batch_size", "1", "--check_images", "none", "--manager.llm_layers", "[0]"),
             *("--train_parts", "manager"),
         ],
@@ -136,16 +140,21 @@ def write_checkpoint(folder: Path, text_hidden: int, text_layers: int) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
-#: (name, zero3_init, allocator): the old code, the old loading path today, loading partitioned today
-SETTINGS = (
-    ("before", "false", "glibc"),
-    ("whole", "false", "fixed"),
-    ("partitioned", "true", "fixed"),
-)
+#: name -> (recipe overrides, allocator): ZeRO-3 before this change, its old loading path today, loading partitioned
+#: today; FSDP2 without and with accelerate's cpu_ram_efficient_loading (only rank 0's values are broadcast)
+SETTINGS = {
+    "before": (("--deepspeed", "zero3", "--zero3_init", "false"), "glibc"),
+    "whole": (("--deepspeed", "zero3", "--zero3_init", "false"), "fixed"),
+    "partitioned": (("--deepspeed", "zero3", "--zero3_init", "true"), "fixed"),
+    "fsdp": (("--deepspeed", "null", "--fsdp", "fsdp2", "--fsdp.cpu_ram_efficient_loading", "false"), "fixed"),
+    "fsdp-efficient": (
+        ("--deepspeed", "null", "--fsdp", "fsdp2", "--fsdp.cpu_ram_efficient_loading", "true"),
+        "glibc",
+    ),
+}
 
 
-def run(setting: tuple[str, str, str], args, checkpoint: Path, out: Path) -> list[dict]:
-    name, zero3_init, allocator = setting
+def run(name: str, args, checkpoint: Path, out: Path) -> list[dict]:
     command = [
         sys.executable,
         "-m",
@@ -159,10 +168,6 @@ def run(setting: tuple[str, str, str], args, checkpoint: Path, out: Path) -> lis
         str(checkpoint),
         "--out",
         str(out),
-        "--zero3-init",
-        zero3_init,
-        "--allocator",
-        allocator,
         "--setting",
         name,
     ]
@@ -191,13 +196,18 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--zero3-init", dest="zero3_init", help=argparse.SUPPRESS)
-    parser.add_argument("--allocator", choices=("glibc", "fixed"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--settings", default="before,whole,partitioned", help=f"comma-separated, of {', '.join(SETTINGS)}"
+    )
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {', '.join(unknown)}: choose from {', '.join(SETTINGS)}")
 
     with tempfile.TemporaryDirectory(prefix="zero3-loading-") as tmp:
         tmp = Path(tmp)
@@ -207,17 +217,18 @@ def main(argv=None) -> int:
         weights_mb = write_checkpoint(tmp / "checkpoint", args.text_hidden, args.text_layers)
         print(f"checkpoint: LLM width {args.text_hidden} x {args.text_layers} layers, {weights_mb:.0f} MB of weights")
         report = {"weights_mb": weights_mb, "processes": args.processes, "results": {}}
-        for setting in SETTINGS:
-            report["results"][setting[0]] = run(setting, args, tmp / "checkpoint", tmp)
+        for name in names:
+            report["results"][name] = run(name, args, tmp / "checkpoint", tmp)
     results = report["results"]
     print("MB per rank. before: zero3_init false with glibc's adaptive mmap threshold (the code before this change);")
-    print("whole: zero3_init false, fixed threshold; partitioned: zero3_init true (the default), fixed threshold.")
-    print("load = until the Trainer exists; ready = until DeepSpeed's engine exists (the model is partitioned: the")
+    print("whole: zero3_init false, fixed threshold; partitioned: zero3_init true (the default), fixed threshold;")
+    print("fsdp / fsdp-efficient: FSDP2 without / with cpu_ram_efficient_loading, fixed threshold.")
+    print("load = until the Trainer exists; ready = until training starts (the model is sharded: the")
     print("loading peak); step = up to the end of the first step; anon = the process's own memory (RssAnon), the")
     print("rest of RSS is file-backed (shared libraries, mmap'ed checkpoint pages: page cache)")
     peaks = " | ".join(f"{p + ' peak (anon)':>16}" for p in ("load", "ready", "step"))
     print(f"{'rank':>4} | {'setting':>11} | {'imports':>7} | {peaks} | load s | step s")
-    for name, *_ in SETTINGS:
+    for name in names:
         for row in results[name]:
             print(
                 f"{row['rank']:>4} | {name:>11} | {row['after_imports_mb']:>7.0f} | "
@@ -225,7 +236,7 @@ def main(argv=None) -> int:
                 f"{row['ready_peak_mb']:>7.0f} ({row['ready_peak_anon_mb']:>5.0f}) | "
                 f"{row['peak_mb']:>7.0f} ({row['peak_anon_mb']:>5.0f}) | {row['load_s']:>6.1f} | {row['train_s']:>6.1f}"
             )
-    for after_name in ("whole", "partitioned"):
+    for after_name in [n for n in names if n != "before" and "before" in names]:
         for key, label in (
             ("ready_peak_mb", "loading peak RSS"),
             ("ready_peak_anon_mb", "loading peak anonymous RSS"),

@@ -15,8 +15,20 @@ from llava_manager.attach import unwrap
 from llava_manager.train import load_recipe
 from llava_manager.train.main import end_process_group, train
 from llava_manager.train.trainer import parameter_parts
+from transformers import TrainerCallback
 
-result = train(load_recipe("tiny_cpu", sys.argv[2:]))
+rank = int(os.environ["RANK"])
+
+
+class Rank1Noise(TrainerCallback):  # before FSDP shards the model: rank 1's copy differs from rank 0's
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if rank == 1 and sys.argv[2] == "noise":
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.add_(1.0)
+
+
+result = train(load_recipe("tiny_cpu", sys.argv[3:]), callbacks=[Rank1Noise()])
 trainer = result.trainer
 model = unwrap(trainer.model)
 parts = parameter_parts(model)
@@ -34,7 +46,6 @@ batch.pop("dropped_samples", None)
 model.eval()
 with torch.no_grad():
     logits = trainer.model(**batch).logits
-rank = int(os.environ["RANK"])
 torch.save({"groups": groups, "losses": result.losses, "wrapped": wrapped, "batch": dict(batch), "logits": logits,
             "is_fsdp": trainer.is_fsdp_enabled},
            os.path.join(sys.argv[1], f"rank{rank}.pt"))
@@ -42,25 +53,37 @@ end_process_group()
 """
 
 
+RATES = "{manager: 1.0e-2, projector: 4.0e-3, vision_tower: 1.0e-3, language_model: 2.0e-3}"
+
+
+def _fsdp_run(tmp_path, name: str, *overrides: str, noise: bool = False) -> tuple[list[dict], object]:
+    """One 2-process FSDP2 `train` in tmp_path/name; returns each rank's record and the output folder."""
+    folder = tmp_path / name
+    folder.mkdir()
+    data, images = shapes_data(tmp_path / "data", 12, kinds=("single", "multi", "text"))
+    runner = folder / "runner.py"
+    runner.write_text(RUNNER)
+    out = folder / "out"
+    args = [
+        *(str(folder), "noise" if noise else "clean"),
+        *("--output_dir", str(out), "--data_path", str(data), "--image_folder", str(images)),
+        *("--deepspeed", "null", "--fsdp", "fsdp2", "--learning_rates", RATES),
+        *("--train_parts", "manager,projector,language_model", "--per_device_train_batch_size", "2"),
+        *("--max_steps", "12", "--save_steps", "0", "--logging_steps", "1", "--warmup_ratio", "0"),
+        *("--lr_scheduler_type", "constant", "--seed", "5", "--group_by_modality_length", "false"),
+        *overrides,
+    ]
+    run_two_processes(runner, args, folder, timeout=300, what=f"2-process FSDP2 run ({name})")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in (0, 1)], out
+
+
 @pytest.mark.slow
 def test_two_process_fsdp2_trains_with_part_rates_and_reloads(tmp_path):
     from llava_manager import from_pretrained
     from llava_manager.train.recipe import load_recipe
 
-    data, images = shapes_data(tmp_path / "data", 12, kinds=("single", "multi", "text"))
-    runner = tmp_path / "runner.py"
-    runner.write_text(RUNNER)
-    out = tmp_path / "out"
-    rates = "{manager: 1.0e-2, projector: 4.0e-3, vision_tower: 1.0e-3, language_model: 2.0e-3}"
-    overrides = [
-        *("--output_dir", str(out), "--data_path", str(data), "--image_folder", str(images)),
-        *("--deepspeed", "null", "--fsdp", "fsdp2", "--learning_rates", rates),
-        *("--train_parts", "manager,projector,language_model", "--per_device_train_batch_size", "2"),
-        *("--max_steps", "12", "--save_steps", "0", "--logging_steps", "1", "--warmup_ratio", "0"),
-        *("--lr_scheduler_type", "constant", "--seed", "5", "--group_by_modality_length", "false"),
-    ]
-    run_two_processes(runner, [str(tmp_path), *overrides], tmp_path, timeout=300, what="2-process FSDP2 run")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks, out = _fsdp_run(tmp_path, "plain")
+    rates = RATES
 
     for rank in ranks:
         assert rank["is_fsdp"]
@@ -90,3 +113,15 @@ def test_two_process_fsdp2_trains_with_part_rates_and_reloads(tmp_path):
     with torch.no_grad():
         logits = reloaded(**ranks[0]["batch"]).logits
     assert torch.equal(logits, ranks[0]["logits"])
+
+
+@pytest.mark.slow
+def test_cpu_ram_efficient_loading_takes_rank0s_weights(tmp_path):
+    """With `cpu_ram_efficient_loading`, accelerate shards the model on the meta device and broadcasts rank 0's
+    weights (the Managers included: `patch_llava` created them on every rank): a rank whose copy differs trains
+    exactly as if it had rank 0's."""
+    clean, _ = _fsdp_run(tmp_path, "clean", "--fsdp.cpu_ram_efficient_loading", "true")
+    noisy, _ = _fsdp_run(tmp_path, "noisy", "--fsdp.cpu_ram_efficient_loading", "true", noise=True)
+    assert len(clean[0]["losses"]) == 12
+    assert noisy[0]["losses"] == clean[0]["losses"]
+    assert torch.equal(noisy[1]["logits"], clean[1]["logits"])

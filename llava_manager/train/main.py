@@ -129,7 +129,7 @@ def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
         uses_deepspeed=deepspeed_config is not None, cpu_threads=recipe.cpu_threads, uses_fsdp=recipe.fsdp is not None
     )
     accumulation = resolve_accumulation(recipe, world_size_from_env())
-    if recipe.zero_stage() == 3:  # whole modules are created / gathered and freed again and again: see host_memory
+    if recipe.zero_stage() == 3 or recipe.fsdp is not None:  # whole modules gathered and freed: see host_memory
         host_memory.return_freed_tensors()
 
     # 1. everything that can be wrong, checked before any process group starts (but the model under ZeRO-3 with
