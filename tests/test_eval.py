@@ -289,6 +289,10 @@ def test_model_args(tiny_manager_dir):
         LlavaManager(pretrained=str(tiny_manager_dir), not_an_option=1)
     with pytest.raises(ValueError, match="conv_template"):
         LlavaManager(pretrained=str(tiny_manager_dir), conv_template="vicuna_v1")
+    with pytest.raises(ValueError, match="zero3='maybe': use true or false"):
+        LlavaManager(pretrained=str(tiny_manager_dir), zero3="maybe")
+    with pytest.raises(ValueError, match="zero3=true partitions the weights; drop device_map"):
+        LlavaManager(pretrained=str(tiny_manager_dir), zero3="true", device_map="auto")
     # the authors' llava_onevision args are accepted and ignored
     lm = LlavaManager(
         pretrained=str(tiny_manager_dir),
@@ -423,3 +427,86 @@ def test_include_path_indexes_the_overrides_and_the_fixture():
 
     manager = TaskManager("WARNING", include_path=[str(PATCHES), str(FIXTURE_TASK)], include_defaults=False)
     assert {"mmmu_val_paper", "mathvista_testmini_paper", "tiny_shapes", "tiny_clips"} <= set(manager.all_subtasks)
+
+
+def _answers(output: Path, task: str = "tiny_shapes") -> dict[int, str]:
+    files = glob.glob(str(output / "**" / f"*_samples_{task}.jsonl"), recursive=True)
+    assert len(files) == 1, files
+    return {(s := json.loads(line))["doc_id"]: s["filtered_resps"] for line in Path(files[0]).read_text().splitlines()}
+
+
+@needs_lmms_eval
+@pytest.mark.slow
+@pytest.mark.parametrize("limit", [None, 3])
+def test_zero3_evaluation_on_two_processes_answers_as_one_process(tiny_manager_dir, tmp_path, limit):
+    """`zero3=true` under `torchrun --nproc_per_node 2`: the weights are partitioned, and the ranks stay in step
+    where one rank's document has no image (doc 3; limit None) and with an odd number of documents (limit 3);
+    every answer equals a one-process run without ZeRO-3."""
+    env = _clean_env()
+    env.update(HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    common = [
+        "--model", "llava_manager",
+        "--tasks", "tiny_shapes",
+        "--include_path", str(FIXTURE_TASK),
+        "--batch_size", "1",
+        "--log_samples",
+        "--verbosity", "DEBUG",
+        *(["--limit", str(limit)] if limit else []),
+    ]  # fmt: skip
+    rank_logs = tmp_path / "rank_logs"  # one file per rank: lines from both ranks interleave on one pipe
+    launch = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        *("--log-dir", str(rank_logs), "--redirects", "3"),
+    ]
+    runs = {
+        "one": [sys.executable, "-m", "llava_manager.eval", "--model_args", f"pretrained={tiny_manager_dir}"],
+        "zero3": [*launch, "-m", "llava_manager.eval", "--model_args", f"pretrained={tiny_manager_dir},zero3=true"],
+    }
+    logs = {}
+    for name, command in runs.items():
+        command = [*command, *common, "--output_path", str(tmp_path / name)]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        logs[name] = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+        assert result.returncode == 0, logs[name][-5000:]
+    per_rank = {}
+    for rank in (0, 1):  # torchrun's per-rank files (--redirects 3): stdout.log and stderr.log
+        files = glob.glob(str(rank_logs / "**" / str(rank) / "std*.log"), recursive=True)
+        per_rank[rank] = re.sub(r"\x1b\[[0-9;]*m", "", "".join(Path(f).read_text() for f in files))
+        assert f"rank {rank}: ZeRO-3, weights partitioned over 2 process(es): True" in per_rank[rank]
+    expected = _answers(tmp_path / "one")
+    assert sorted(expected) == ([0, 1, 2] if limit else [0, 1, 2, 3])
+    assert _answers(tmp_path / "zero3") == expected
+    # both ranks made as many generate() calls (lmms-eval may shard 3 documents 2 / 1: the short rank idles)
+    made = [re.findall(r"rank \d: (\d+) generate calls, (\d+) idle", per_rank[rank]) for rank in (0, 1)]
+    assert all(len(m) == 1 for m in made), made
+    assert sum(map(int, made[0][0])) == sum(map(int, made[1][0])) >= 2, made
+
+
+CATCH_UP_RUNNER = r"""
+import os, sys, torch, torch.distributed as dist
+from llava_manager.eval.zero3 import catch_up, most_calls
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+mine = 3 if rank == 0 else 1
+most = most_calls(mine, torch.device("cpu"))
+model_call = lambda: dist.all_reduce(torch.ones(1))  # a collective, as every ZeRO-3 forward is
+for _ in range(mine):
+    model_call()
+idled = catch_up(mine, most, model_call)  # without it rank 0's last two collectives would wait forever
+open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w").write(f"{most} {idled}")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_zero3_catch_up_runs_the_missing_calls(tmp_path):
+    """The rank with fewer model calls runs idle ones (each a collective here, as a ZeRO-3 forward is) until it has
+    made as many as the busiest rank; without them the busy rank's collectives would wait forever."""
+    from train_helpers import run_two_processes
+
+    runner = tmp_path / "runner.py"
+    runner.write_text(CATCH_UP_RUNNER)
+    run_two_processes(runner, [str(tmp_path)], tmp_path, timeout=120, what="catch_up")
+    assert (tmp_path / "rank0.txt").read_text() == "3 0"
+    assert (tmp_path / "rank1.txt").read_text() == "3 2"

@@ -24,6 +24,9 @@ Model args (`--model_args k=v,...`):
                      model ignored `until` and stopped at the end-of-turn token)
     log_every        log the prompt of every N-th document at DEBUG (default 100; doc 0 always)
     max_frames_num   frames per video (default 32, as lmms-eval's llava_onevision model)
+    zero3            true: partition the weights across the processes with DeepSpeed ZeRO-3 (a model too
+                     large for one device; see `eval/zero3.py`). Images and text; no videos with several
+                     processes
 
 Video tasks: a visual that is a path (a video file, decoded with PyAV: the `video` extra, or a folder of
 frame images) is one video, sampled as lmms-eval's `llava_onevision` model samples it: exactly
@@ -50,6 +53,7 @@ from tqdm import tqdm
 from ..chat import context_limit, fit_answer_length
 from ..errors import VideoError
 from ..media import VIDEO_FRAMES, frame_indices, load_video
+from . import zero3 as zero3_sharding
 from .prompt import CONV_TEMPLATES, build_prompt, get_template, with_image_placeholders
 
 # Arguments of lmms-eval's `llava_onevision` model that the authors' scripts could pass; they
@@ -76,6 +80,17 @@ _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
 }
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "", "none"):
+        return False
+    raise ValueError(f"llava_manager: {name}={value!r}: use true or false")
 
 
 def _as_str(value: Any) -> str | None:
@@ -132,6 +147,7 @@ class LlavaManager(lmms):
         apply_until: bool = False,
         log_every: int = 100,
         max_frames_num: int = VIDEO_FRAMES,
+        zero3: bool | str = False,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -196,6 +212,14 @@ class LlavaManager(lmms):
         dtype = _parse_dtype(torch_dtype if torch_dtype is not None else dtype)
         if dtype is None:
             dtype = torch.float16 if self._device.type == "cuda" else torch.float32
+        self.zero3 = _as_bool(zero3, "zero3")
+        self._zero3_config = None
+        if self.zero3:
+            if device_map not in (None, ""):
+                raise ValueError("llava_manager: zero3=true partitions the weights; drop device_map")
+            if dtype is None or isinstance(dtype, str):
+                raise ValueError("llava_manager: zero3=true needs a dtype (float32, bfloat16 or float16), not auto")
+            self._zero3_config = zero3_sharding.start(dtype)  # transformers loads partitioned while it is alive
         hf_kwargs: dict[str, Any] = {"dtype": dtype}
         if attn_implementation:
             hf_kwargs["attn_implementation"] = _as_str(attn_implementation)
@@ -209,7 +233,9 @@ class LlavaManager(lmms):
             self.pretrained, subfolder=_as_str(subfolder), revision=_as_str(revision), **hf_kwargs
         )
         self._model.eval()
-        if "device_map" not in hf_kwargs:
+        if self.zero3:
+            self._model = zero3_sharding.partition(self._model, self._zero3_config)
+        elif "device_map" not in hf_kwargs:
             self._model.to(self._device)
         self._config = self._model.config
 
@@ -289,6 +315,12 @@ class LlavaManager(lmms):
                 f"(managers: {has_managers}, dtype: {self._model.dtype}, device: {self._device}, "
                 f"processes: {self._world_size}, conv_template: {self.conv_template})"
             )
+        if self.zero3:
+            partitioned = all(p.numel() == 0 or hasattr(p, "ds_id") for p in self._model.parameters())
+            eval_logger.info(
+                f"llava_manager: rank {self.rank}: ZeRO-3, weights partitioned over {self._world_size} process(es): "
+                f"{partitioned}"
+            )
         if self.model_name and "manager" in self.model_name.lower() and not has_managers:
             warnings.warn(
                 f"model_name={self.model_name!r} names a Manager model but {self.pretrained} has no Managers",
@@ -340,6 +372,40 @@ class LlavaManager(lmms):
                 inputs[key] = inputs[key].to(self._model.dtype)
         return inputs
 
+    # ---- ZeRO-3 across processes: every rank makes the same model calls (eval/zero3.py) -------------------
+
+    @property
+    def _in_lockstep(self) -> bool:
+        return self.zero3 and self._world_size > 1
+
+    def _no_grad(self):
+        """inference_mode, or no_grad under ZeRO-3 (its gathered weights must stay ordinary tensors)."""
+        return torch.no_grad() if self.zero3 else torch.inference_mode()
+
+    def _refuse_videos_in_lockstep(self, media, tasks, doc_ids) -> None:
+        if not self._in_lockstep:
+            return
+        for (_, videos), task, doc_id in zip(media, tasks, doc_ids):
+            if videos:
+                raise VideoError(
+                    f"{task} doc {doc_id}: video tasks are not supported with zero3=true on several processes (ranks "
+                    "with and without videos fall out of step); evaluate videos without zero3 (one replica per "
+                    "process) or on one process"
+                )
+
+    def _idle_generate(self) -> None:
+        """A one-token generate() on a text-only prompt (its answer is dropped), to keep the ranks in step."""
+        inputs = self._inputs([build_prompt("Hi", 0, self.conv_template)], [])
+        with self._no_grad():
+            self._model.generate(
+                **inputs, max_new_tokens=1, do_sample=False, pad_token_id=self._tokenizer.pad_token_id
+            )
+
+    def _idle_forward(self) -> None:
+        inputs = self._inputs([build_prompt("Hi", 0, self.conv_template)], [])
+        with self._no_grad():
+            self._model(**inputs)
+
     def _log(self, task: str, doc_id: int, what: str, text: str) -> None:
         if self.rank == 0 and doc_id % self.log_every == 0:
             eval_logger.debug(f"{what} for {task} doc {doc_id}:\n{text}")
@@ -380,21 +446,30 @@ class LlavaManager(lmms):
         collator = utils.Collator([request.args for request in requests], _sort_key, grouping=True)
         progress = tqdm(total=len(requests), disable=(self.rank != 0), desc="Model Responding")
         results: list[GenerationResult] = []
-        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+        chunks = list(collator.get_batched(n=self.batch_size, batch_fn=None))
+        if self._in_lockstep:  # one generate() per chunk (no videos here); every rank must make as many
+            most = zero3_sharding.most_calls(len(chunks), self._device)
+        calls = 0
+        for chunk in chunks:
             contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk)
             media = [
                 self._visuals(fn, task, split, doc_id, task_metadata.get(task))
                 for fn, task, split, doc_id in zip(doc_to_visuals, tasks, splits, doc_ids)
             ]
+            self._refuse_videos_in_lockstep(media, tasks, doc_ids)
             answers: dict[int, GenerationResult] = {}
             for rows in _same_frame_count(media, tasks, doc_ids):  # one pixel_values_videos tensor per generate()
                 batch = [(contexts[r], media[r], tasks[r], doc_ids[r]) for r in rows]
                 answers.update(zip(rows, self._answer(batch, all_gen_kwargs[0])))  # grouped: the same kwargs
+                calls += 1
             for row in range(len(chunk)):
                 results.append(answers[row])
                 self.cache_hook.add_partial("generate_until", (contexts[row], all_gen_kwargs[0]), answers[row].text)
             progress.update(len(chunk))
         progress.close()
+        if self._in_lockstep:
+            idle = zero3_sharding.catch_up(calls, most, self._idle_generate)
+            eval_logger.debug(f"llava_manager: rank {self.rank}: {calls} generate calls, {idle} idle")
         if self.cut_answers:
             eval_logger.warning(
                 f"llava_manager: {self.cut_answers} answer(s) so far were cut short to fit the model's context "
@@ -420,7 +495,7 @@ class LlavaManager(lmms):
             [video for _, videos in media for video in videos],
         )
         generate_kwargs["max_new_tokens"] = self._fit_answer(inputs, generate_kwargs["max_new_tokens"], tasks, doc_ids)
-        with torch.inference_mode():
+        with self._no_grad():
             output_ids = self._model.generate(**inputs, **generate_kwargs)
         new_tokens = output_ids[:, inputs["input_ids"].shape[1] :]  # decode only what the model added
         texts = self._tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -463,11 +538,14 @@ class LlavaManager(lmms):
         closed by `<|im_end|>\\n`, like the authors' model (which returned the mean loss instead)."""
         template = get_template(self.conv_template)
         results = []
+        if self._in_lockstep:  # one forward per request; every rank must make as many
+            most = zero3_sharding.most_calls(len(requests), self._device)
         for request in tqdm(requests, disable=(self.rank != 0), desc="Model Responding"):
             context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             images, videos = self._visuals(doc_to_visual, task, split, doc_id, request.metadata)
+            self._refuse_videos_in_lockstep([(images, videos)], [task], [doc_id])
             question = with_image_placeholders(context, len(images), len(videos))
             prompt = template.render([(0, question)])
             full = template.render([(0, question), (1, str(continuation))], add_generation_prompt=False)
@@ -476,7 +554,7 @@ class LlavaManager(lmms):
             inputs = self._inputs([full], images, videos)
             labels = inputs["input_ids"].clone()
             labels[:, :context_length] = -100
-            with torch.inference_mode():
+            with self._no_grad():
                 logits = self._model(**inputs).logits.float()
             # position t predicts token t+1
             log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -486,6 +564,9 @@ class LlavaManager(lmms):
             total = float((token_log_probs * mask).sum())
             greedy = bool((log_probs.argmax(-1)[mask] == targets[mask]).all())
             results.append((total, greedy))
+        if self._in_lockstep:
+            idle = zero3_sharding.catch_up(len(requests), most, self._idle_forward)
+            eval_logger.debug(f"llava_manager: rank {self.rank}: {len(requests)} forwards, {idle} idle")
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -18,6 +18,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_deepspeed_fixes() -> None:
+    """DeepSpeed on a machine without CUDA: its CPU accelerator, and no JIT-compiled shm comm op (C++, minutes to
+    build, and it only speeds up CPU all-reduce). Call before DeepSpeed starts."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def prepare_environment(uses_deepspeed: bool, cpu_threads: int | None = None, uses_fsdp: bool = False) -> None:
     """CPU-only DeepSpeed fixes, and a one-process "distributed" environment when no launcher set one (DeepSpeed
     and FSDP run only in one)."""
@@ -32,11 +45,8 @@ def prepare_environment(uses_deepspeed: bool, cpu_threads: int | None = None, us
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
-    if uses_deepspeed and not torch.cuda.is_available():
-        import deepspeed.ops
-
-        # the shm comm op is JIT-compiled C++ (minutes) and only speeds up CPU all-reduce
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if uses_deepspeed:
+        cpu_deepspeed_fixes()
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # a previous run's ZeRO-3 config would zero.Init the model we build now
