@@ -136,8 +136,27 @@ class LlavaOnevisionManagerForConditionalGeneration(_ManagerModelMixin, LlavaOne
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunk_size = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
         check_prefill_chunking(self, chunk_size)
-        self._idle_images_for_zero3(kwargs)
+        if not _PRE_ENCODES_IN_GENERATE:  # otherwise _prepare_multimodal_encoder_kwargs_for_generation below
+            self._idle_images_for_zero3(kwargs)
         return super().generate(*args, **kwargs)
+
+    def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
+        """transformers' pre-encoding (images, then videos) with ZeRO-3 ranks kept in step: a rank idles the image
+        path before its own encoding when another rank has images and it has none, and the video path after it when
+        another rank has videos and it has none (`zero3_sync.py`)."""
+        from .zero3_sync import idle_image_features, idle_video_features, in_multi_rank_zero3, media_across_ranks
+
+        if not in_multi_rank_zero3(self):
+            return super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs)
+        has_images = model_kwargs.get("pixel_values") is not None
+        has_videos = model_kwargs.get("pixel_values_videos") is not None
+        any_images, any_videos = media_across_ranks(self, has_images, has_videos)
+        if any_images and not has_images:
+            idle_image_features(self.model)
+        model_kwargs = super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs)
+        if any_videos and not has_videos:
+            idle_video_features(self.model)
+        return model_kwargs
 
     def _idle_images_for_zero3(self, kwargs: dict) -> None:
         """ZeRO-3 across ranks: transformers encodes images before the first forward (`mm_encoder_outputs`); a rank
@@ -152,6 +171,11 @@ class LlavaOnevisionManagerForConditionalGeneration(_ManagerModelMixin, LlavaOne
         if in_multi_rank_zero3(self):
             idle_image_features(self.model)
 
+
+# transformers 5.2x encodes images and videos in generate() before the first forward, in this method
+_PRE_ENCODES_IN_GENERATE = hasattr(
+    LlavaOnevisionForConditionalGeneration, "_prepare_multimodal_encoder_kwargs_for_generation"
+)
 
 # the registered class of each transformers class patch_llava turns into it
 MANAGER_CLASS_OF = {

@@ -1,5 +1,6 @@
 """Two processes, ZeRO-3 (every weight partitioned), inference: rank 0 has an image, rank 1 has none. `generate()`
-and a plain forward finish (no hang) and give what one process gives (`zero3_sync.py`)."""
+and a plain forward finish (no hang) and give what one process gives (`zero3_sync.py`). And `generate()` where the
+ranks' media differ in kind: a video on one rank and an image (or nothing) on the other."""
 
 from __future__ import annotations
 
@@ -55,3 +56,45 @@ def test_two_process_zero3_inference_with_an_image_less_rank(tmp_path):
             torch.testing.assert_close(result["logits"], reference(**batch).logits, rtol=1e-5, atol=1e-5)
             expected = reference.generate(**batch, max_new_tokens=new_tokens, do_sample=False)
         assert torch.equal(result["tokens"], expected), rank
+
+
+VIDEO_RUNNER = r"""
+import os, sys, torch, deepspeed
+from transformers.integrations import HfDeepSpeedConfig
+import inputs
+from test_zero3_generate import build
+
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+model = build()
+keep = HfDeepSpeedConfig(config)
+engine, *_ = deepspeed.initialize(model=model, config=config)
+model = engine.module.eval()
+rank = int(os.environ["RANK"])
+batch = getattr(inputs, sys.argv[2 + rank])()
+with torch.no_grad():
+    tokens = model.generate(**batch, max_new_tokens=4 + rank, do_sample=False)
+torch.save({"tokens": tokens}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "rank0, rank1",
+    [("video_batch", "single_image_batch"), ("single_image_batch", "video_batch"), ("video_batch", "text_only_batch")],
+)
+def test_two_process_zero3_generate_with_a_video_on_one_rank(tmp_path, rank0, rank1):
+    """transformers encodes images, then videos, before the first step; a rank without one of them idles it at that
+    point (images before its own encoding, videos after), so each rank's tokens equal one process's."""
+    import inputs
+
+    runner = tmp_path / "runner.py"
+    runner.write_text(VIDEO_RUNNER)
+    run_two_processes(runner, [str(tmp_path), rank0, rank1], tmp_path, timeout=240, what="2-process ZeRO-3 video")
+    reference = build().eval()
+    for rank, name in enumerate((rank0, rank1)):
+        batch = getattr(inputs, name)()
+        with torch.no_grad():
+            expected = reference.generate(**batch, max_new_tokens=4 + rank, do_sample=False)
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt")["tokens"], expected), (rank, name)

@@ -25,8 +25,8 @@ Model args (`--model_args k=v,...`):
     log_every        log the prompt of every N-th document at DEBUG (default 100; doc 0 always)
     max_frames_num   frames per video (default 32, as lmms-eval's llava_onevision model)
     zero3            true: partition the weights across the processes with DeepSpeed ZeRO-3 (a model too
-                     large for one device; see `eval/zero3.py`). Images and text; no videos with several
-                     processes
+                     large for one device; see `eval/zero3.py`). Scored (loglikelihood) video tasks are
+                     refused with several processes
 
 Video tasks: a visual that is a path (a video file, decoded with PyAV: the `video` extra, or a folder of
 frame images) is one video, sampled as lmms-eval's `llava_onevision` model samples it: exactly
@@ -383,14 +383,15 @@ class LlavaManager(lmms):
         return torch.no_grad() if self.zero3 else torch.inference_mode()
 
     def _refuse_videos_in_lockstep(self, media, tasks, doc_ids) -> None:
+        """Scored (loglikelihood) requests run plain forwards, which keep only images in step across ranks."""
         if not self._in_lockstep:
             return
         for (_, videos), task, doc_id in zip(media, tasks, doc_ids):
             if videos:
                 raise VideoError(
-                    f"{task} doc {doc_id}: video tasks are not supported with zero3=true on several processes (ranks "
-                    "with and without videos fall out of step); evaluate videos without zero3 (one replica per "
-                    "process) or on one process"
+                    f"{task} doc {doc_id}: loglikelihood video tasks are not supported with zero3=true on several "
+                    "processes (ranks with and without videos fall out of step in a forward); evaluate them without "
+                    "zero3 (one replica per process) or on one process"
                 )
 
     def _idle_generate(self) -> None:
@@ -456,9 +457,14 @@ class LlavaManager(lmms):
                 self._visuals(fn, task, split, doc_id, task_metadata.get(task))
                 for fn, task, split, doc_id in zip(doc_to_visuals, tasks, splits, doc_ids)
             ]
-            self._refuse_videos_in_lockstep(media, tasks, doc_ids)
+            groups = _same_frame_count(media, tasks, doc_ids)  # one pixel_values_videos tensor per generate()
+            if self._in_lockstep and len(groups) > 1:  # every rank agreed on one generate() per chunk
+                raise VideoError(
+                    f"{', '.join(f'{t} doc {d}' for t, d in zip(tasks, doc_ids))}: videos of different frame counts "
+                    "in one batch; with zero3=true on several processes use batch_size=1"
+                )
             answers: dict[int, GenerationResult] = {}
-            for rows in _same_frame_count(media, tasks, doc_ids):  # one pixel_values_videos tensor per generate()
+            for rows in groups:
                 batch = [(contexts[r], media[r], tasks[r], doc_ids[r]) for r in rows]
                 answers.update(zip(rows, self._answer(batch, all_gen_kwargs[0])))  # grouped: the same kwargs
                 calls += 1

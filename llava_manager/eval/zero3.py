@@ -3,12 +3,14 @@ models that do not fit one device. lmms-eval still shards the documents by rank;
 from every rank, so all ranks must run the same forwards:
 
 - `generate()` steps together (transformers' `synced_gpus`, on while the ZeRO-3 config below is alive);
-- a rank without images runs the image path on a blank one where the others encode theirs (`zero3_sync.py`);
+- a rank without images (or videos) runs that path on a blank one where the others encode theirs
+  (`zero3_sync.py`);
 - a rank with fewer documents (lmms-eval's shards can differ by one) runs idle calls until it has made as many as
   the busiest rank: the ranks agree on that number before the first call (`most_calls`), because once calls start,
   every collective must pair with the same collective on the other ranks.
 
-Videos are refused under ZeRO-3 with several processes: ranks with videos next to ranks without are not kept in step.
+Scored (loglikelihood) video requests are refused with several processes: they run plain forwards, in which ranks
+with videos next to ranks without are not kept in step (`generate()` is).
 """
 
 from __future__ import annotations
