@@ -5,7 +5,8 @@ It writes a random LLaVA-OV checkpoint whose LLM is large enough for its weights
 (load, patch, freeze, one step training only the Managers) on N CPU processes in up to five settings: "before" (the
 old code: `zero3_init: false`, every rank loads the whole model, glibc's adaptive mmap threshold), "whole"
 (`zero3_init: false` today: with `train.host_memory`'s fixed threshold), "partitioned" (`zero3_init: true`, the
-default), and FSDP2 without / with `cpu_ram_efficient_loading` ("fsdp", "fsdp-efficient"; `--settings`). It
+default), FSDP2 without / with `cpu_ram_efficient_loading` ("fsdp", "fsdp-efficient") and sharded at load
+("fsdp-sharded", `fsdp_loading: sharded`; `--settings`). It
 reports per rank the RSS after imports and the peaks of RSS and of anonymous RSS (the process's own memory, without
 mmap'ed checkpoint pages) while loading and up to the end of the first training step, with the ratios to "before".
 
@@ -141,16 +142,16 @@ def write_checkpoint(folder: Path, text_hidden: int, text_layers: int) -> float:
 
 
 #: name -> (recipe overrides, allocator): ZeRO-3 before this change, its old loading path today, loading partitioned
-#: today; FSDP2 without and with accelerate's cpu_ram_efficient_loading (only rank 0's values are broadcast)
+#: today; FSDP2 without and with accelerate's cpu_ram_efficient_loading (only rank 0's values are broadcast), and
+#: sharded by transformers while loading (`fsdp_loading: sharded`: each rank reads only its shard)
+FSDP2 = ("--deepspeed", "null", "--fsdp", "fsdp2")
 SETTINGS = {
     "before": (("--deepspeed", "zero3", "--zero3_init", "false"), "glibc"),
     "whole": (("--deepspeed", "zero3", "--zero3_init", "false"), "fixed"),
     "partitioned": (("--deepspeed", "zero3", "--zero3_init", "true"), "fixed"),
-    "fsdp": (("--deepspeed", "null", "--fsdp", "fsdp2", "--fsdp.cpu_ram_efficient_loading", "false"), "fixed"),
-    "fsdp-efficient": (
-        ("--deepspeed", "null", "--fsdp", "fsdp2", "--fsdp.cpu_ram_efficient_loading", "true"),
-        "glibc",
-    ),
+    "fsdp": ((*FSDP2, "--fsdp.cpu_ram_efficient_loading", "false"), "fixed"),
+    "fsdp-efficient": ((*FSDP2, "--fsdp.cpu_ram_efficient_loading", "true"), "fixed"),
+    "fsdp-sharded": ((*FSDP2, "--fsdp_loading", "sharded"), "fixed"),
 }
 
 
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     results = report["results"]
     print("MB per rank. before: zero3_init false with glibc's adaptive mmap threshold (the code before this change);")
     print("whole: zero3_init false, fixed threshold; partitioned: zero3_init true (the default), fixed threshold;")
-    print("fsdp / fsdp-efficient: FSDP2 without / with cpu_ram_efficient_loading, fixed threshold.")
+    print("fsdp / fsdp-efficient / fsdp-sharded: FSDP2 without / with cpu_ram_efficient_loading / sharded at load.")
     print("load = until the Trainer exists; ready = until training starts (the model is sharded: the")
     print("loading peak); step = up to the end of the first step; anon = the process's own memory (RssAnon), the")
     print("rest of RSS is file-backed (shared libraries, mmap'ed checkpoint pages: page cache)")

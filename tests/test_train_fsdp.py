@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import run_two_processes, shapes_data
+from train_helpers import from_checkpoint, run_two_processes, save_checkpoint, shapes_data
 
 RUNNER = r"""
 import os, sys, torch
@@ -40,7 +40,7 @@ for group in trainer.optimizer.param_groups:
 def unit(layer):  # (the FSDP unit's class, the layer's class inside the activation-checkpoint wrapper)
     return type(layer).__name__, type(getattr(layer, "_checkpoint_wrapped_module", layer)).__name__
 wrapped = {"decoder": unit(model.model.language_model.layers[0]), "tower": unit(model.model.vision_tower.encoder.layers[0]),
-           "root": type(model).__name__}
+           "root": type(model).__name__, "sharded_at_load": getattr(model, "is_distributed_loading_by_transformers", False)}
 batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
 batch.pop("dropped_samples", None)
 model.eval()
@@ -125,3 +125,37 @@ def test_cpu_ram_efficient_loading_takes_rank0s_weights(tmp_path):
     assert len(clean[0]["losses"]) == 12
     assert noisy[0]["losses"] == clean[0]["losses"]
     assert torch.equal(noisy[1]["logits"], clean[1]["logits"])
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_at_load_trains_with_part_rates_and_reloads(tmp_path):
+    """`fsdp_loading: sharded`: transformers shards the checkpoint while loading it (each rank reads its shard) and
+    owns the FSDP2 units; the Managers, added afterwards, stay whole on every rank and the Trainer keeps them in
+    step. Per-part rates, a falling loss, and a saved model that reloads with the sharded model's logits."""
+    from transformers import Trainer
+
+    from llava_manager import from_pretrained
+    from llava_manager.testing.tiny import tiny_model
+
+    if not hasattr(Trainer, "_sync_replicated_trainable_parameters"):
+        pytest.skip("this transformers cannot train models sharded at load")
+    base = save_checkpoint(tiny_model(seed=2), tmp_path / "base")
+    ranks, out = _fsdp_run(tmp_path, "sharded", *from_checkpoint(base), "--fsdp_loading", "sharded")
+    for rank in ranks:
+        assert rank["wrapped"]["sharded_at_load"] is True and not rank["is_fsdp"]  # not wrapped again by accelerate
+        assert rank["wrapped"]["decoder"][0].startswith("FSDP")  # transformers' own FSDP2 units
+        names = {g["name"] for g in rank["groups"]}
+        assert names == {f"{p}{s}" for p in ("projector", "language_model") for s in ("", ".no_decay")} | {"manager"}
+        for group in rank["groups"]:
+            part = group["name"].split(".")[0]
+            assert group["parts"] == [part]
+            assert group["sharded"] == (part != "manager"), group  # the Managers were added after sharding
+    losses = ranks[0]["losses"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
+    reloaded, _ = from_pretrained(out)
+    reloaded.eval()
+    with torch.no_grad():
+        logits = reloaded(**ranks[0]["batch"]).logits
+    assert torch.equal(logits, ranks[0]["logits"])

@@ -196,6 +196,12 @@ def test_overrides_are_typed():
             r"'gradient_checkpointing'.*activation_checkpointing",
         ),
         (["--fsdp", "[1]"], r"'fsdp'.*JSON path, a shipped name"),
+        (["--fsdp_loading", "lazy"], r"'fsdp_loading' = 'lazy'.*accelerate, sharded"),
+        (["--fsdp_loading", "sharded"], r"'fsdp_loading'.*set fsdp"),
+        (
+            ["--fsdp_loading", "sharded", "--fsdp", "fsdp2", "--deepspeed", "null"],
+            r"'fsdp_loading'.*model_name_or_path",
+        ),
     ],
 )
 def test_bad_recipe_values_name_the_key(overrides, match):
@@ -234,6 +240,20 @@ def test_fsdp_configs_become_trainer_fsdp2_plugins(name):
     assert plugin["reshard_after_forward"] is False  # the dotted override reached into the shipped file's keys
     assert bool(plugin.get("cpu_offload")) == (name == "fsdp2_offload")
     assert args.deepspeed is None
+
+
+def test_sharded_fsdp_loading_lets_transformers_own_the_units(tmp_path):
+    """`fsdp_loading: sharded`: no accelerate FSDP plugin (the model is sharded at load), model-only checkpoints,
+    the config's activation checkpointing becomes transformers' (non-reentrant)."""
+    from llava_manager.train.arguments import training_arguments
+
+    overrides = ["--fsdp", "fsdp2", "--deepspeed", "null", "--fsdp_loading", "sharded"]
+    overrides += ["--model_config", "null", "--model_name_or_path", str(tmp_path), "--processor", "null"]
+    recipe = load_recipe("tiny_cpu", overrides)
+    assert recipe.loads_sharded()
+    args = training_arguments(recipe, 1, None)
+    assert not args.fsdp and args.fsdp_plugin_args is None and args.save_only_model
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 
 def test_global_batch_must_add_up():

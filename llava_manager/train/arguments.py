@@ -24,8 +24,8 @@ def training_arguments(recipe: Recipe, accumulation: int, deepspeed_config: dict
         "gradient_checkpointing": recipe.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if recipe.gradient_checkpointing else None,
         "deepspeed": deepspeed_config,
-        "fsdp": recipe.fsdp is not None,
-        "fsdp_config": recipe.fsdp_config(),
+        "fsdp": recipe.fsdp is not None and not recipe.loads_sharded(),
+        "fsdp_config": None if recipe.loads_sharded() else recipe.fsdp_config(),
         "logging_steps": recipe.logging_steps,
         "save_strategy": "steps" if recipe.save_steps > 0 else "no",
         "save_steps": recipe.save_steps if recipe.save_steps > 0 else 500,
@@ -35,6 +35,14 @@ def training_arguments(recipe: Recipe, accumulation: int, deepspeed_config: dict
         "report_to": recipe.report_to,
         "remove_unused_columns": False,
     }
+    if recipe.loads_sharded():
+        # transformers shards the model while loading it and owns its FSDP2 units; the Trainer does not wrap it again,
+        # checkpoints only the model (it cannot save a sharded-at-load optimizer), and activation checkpointing is
+        # transformers' own (the FSDP config's activation_checkpointing asks for it)
+        kwargs["save_only_model"] = True
+        if (recipe.fsdp_config() or {}).get("activation_checkpointing"):
+            kwargs["gradient_checkpointing"] = True
+            kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     import torch
 
     if not torch.cuda.is_available():

@@ -140,6 +140,9 @@ def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
     if recipe.partitions_at_load():
         args = training_arguments(recipe, accumulation, deepspeed_config)  # keeps transformers' HfDeepSpeedConfig
         _start_deepspeed_comm(args)
+    elif recipe.loads_sharded():  # transformers shards the model while loading it: the process group comes first
+        args = training_arguments(recipe, accumulation, deepspeed_config)
+        args.device  # noqa: B018  (a cached property: starts accelerate's state and torch.distributed)
     model, processor = load_for_training(recipe)
     processor, layout = configure_images(recipe, model, processor)
     model = patch_model(recipe, model, layout, processor.tokenizer)

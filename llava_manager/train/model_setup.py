@@ -74,8 +74,9 @@ def load_for_training(recipe: Recipe):
         from llava_manager import from_pretrained as load
 
         import_model_modules()
+        extra = {"distributed_config": sharded_fsdp_config(recipe)} if recipe.loads_sharded() else {}
         try:
-            model, processor = load(recipe.model_name_or_path, subfolder=recipe.model_subfolder, dtype=dtype)
+            model, processor = load(recipe.model_name_or_path, subfolder=recipe.model_subfolder, dtype=dtype, **extra)
         except ManagerError as error:
             raise RecipeError(f"recipe key 'model_name_or_path' = {recipe.model_name_or_path!r}: {error}") from None
         if recipe.processor is not None:
@@ -86,6 +87,33 @@ def load_for_training(recipe: Recipe):
             "not a LLaVA-OneVision model (LlavaOnevisionForConditionalGeneration)"
         )
     return model, processor
+
+
+def sharded_fsdp_config(recipe: Recipe):
+    """transformers' `DistributedConfig` for `fsdp_loading: sharded`: FSDP2 over every process of the run, each
+    rank reading only its shard of the checkpoint (transformers' own FSDP plan picks the units)."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from transformers import Trainer
+
+    try:
+        from transformers.distributed.configuration_utils import DistributedConfig
+    except ImportError:
+        DistributedConfig = None
+    loads = DistributedConfig is not None and "fsdp_size" in {f.name for f in dataclasses.fields(DistributedConfig)}
+    trains = hasattr(Trainer, "_sync_replicated_trainable_parameters")
+    if not loads or not trains:
+        import transformers
+
+        raise RecipeError(
+            f"recipe key 'fsdp_loading' = 'sharded' needs a transformers that trains models sharded at load "
+            f"(from_pretrained(distributed_config=...) and a Trainer that keeps added parameters in step; 5.25 has "
+            f"both); this is {transformers.__version__}. Use fsdp_loading: accelerate"
+        )
+    fsdp = recipe.fsdp_config() or {}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return DistributedConfig(fsdp_size=world, fsdp_cpu_offload=bool(fsdp.get("cpu_offload", False)))
 
 
 def _processor_for(recipe: Recipe, config):

@@ -38,6 +38,7 @@ PARTS = ("manager", "projector", "vision_tower", "language_model")
 CONV_TEMPLATES = ("qwen_1_5", "plain")
 IMAGE_CHECKS = ("none", "exists", "open")
 BAD_IMAGE_ACTIONS = ("error", "skip")
+FSDP_LOADINGS = ("accelerate", "sharded")
 LORA_KEYS = {"r": int, "alpha": float, "dropout": float, "target": str}
 DEFAULT_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 _ANYRES_MAX = re.compile(r"anyres_max_([1-9][0-9]*)")
@@ -162,6 +163,13 @@ class Recipe:
         metadata={
             "help": "PyTorch FSDP2 instead of DeepSpeed: TrainingArguments.fsdp_config as a JSON path, shipped name "
             "(fsdp2, fsdp2_offload) or mapping"
+        },
+    )
+    fsdp_loading: str = field(
+        default="accelerate",
+        metadata={
+            "help": "FSDP2: 'accelerate' (load whole, accelerate shards it when training starts) or 'sharded' "
+            "(transformers' from_pretrained(distributed_config=...): each rank reads only its shard)"
         },
     )
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
@@ -354,6 +362,14 @@ class Recipe:
             raise self._err("deepspeed", self.deepspeed, "use a JSON path, a shipped name (zero2, zero3) or a mapping")
         self.deepspeed_config()  # the file exists, is JSON, has no optimizer block
         self._validate_fsdp()
+        self._choice("fsdp_loading", FSDP_LOADINGS)
+        if self.fsdp_loading == "sharded":
+            if self.fsdp is None:
+                raise self._err("fsdp_loading", "sharded", "it shards the model for FSDP2: set fsdp (e.g. fsdp2)")
+            if self.model_name_or_path is None:
+                raise self._err(
+                    "fsdp_loading", "sharded", "it loads a checkpoint shard by shard: set model_name_or_path"
+                )
         self._int("logging_steps", minimum=1)
         self._int("save_steps", minimum=0)
         if self.save_total_limit is not None:
@@ -508,6 +524,10 @@ class Recipe:
     def distributed(self) -> str | None:
         """ "deepspeed", "fsdp" or None: what shards the run."""
         return "deepspeed" if self.deepspeed is not None else "fsdp" if self.fsdp is not None else None
+
+    def loads_sharded(self) -> bool:
+        """True when transformers shards the model for FSDP2 while loading it (`fsdp_loading: sharded`)."""
+        return self.fsdp is not None and self.fsdp_loading == "sharded"
 
     def zero_stage(self) -> int:
         """The DeepSpeed ZeRO stage of the run; 0 without DeepSpeed."""
