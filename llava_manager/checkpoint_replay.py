@@ -9,8 +9,9 @@ number of tensors was saved", or, worse, the gradients are silently wrong).
 The same holds on every release when a wrapper checkpoints the layer from outside (FSDP's `activation_checkpointing`,
 torch's `apply_activation_checkpointing`: the layer sits inside a `CheckpointWrapper`, which the hook cannot see).
 
-So in every training forward with gradients, the hook pins its injection plan to the layer's input tensor; the non-reentrant recompute calls the layer with that same tensor object and finds the plan there. The
-plan lives as long as the input does (which the checkpoint keeps until the backward). Reentrant checkpointing calls
+So in every training forward with gradients, the hook pins its injection plan to the layer's input tensor; the
+non-reentrant recompute calls the layer with that same tensor object and finds the plan there. The plan lives as long
+as the input does (which the checkpoint keeps until the backward). Reentrant checkpointing calls
 the recompute with detached copies and would backpropagate into the shared Manager features once per layer, so it is
 refused with a clear error there.
 """

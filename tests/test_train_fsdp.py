@@ -39,8 +39,12 @@ for group in trainer.optimizer.param_groups:
                    "sharded": all(isinstance(p, DTensor) for p in group["params"])})
 def unit(layer):  # (the FSDP unit's class, the layer's class inside the activation-checkpoint wrapper)
     return type(layer).__name__, type(getattr(layer, "_checkpoint_wrapped_module", layer)).__name__
-wrapped = {"decoder": unit(model.model.language_model.layers[0]), "tower": unit(model.model.vision_tower.encoder.layers[0]),
-           "root": type(model).__name__, "sharded_at_load": getattr(model, "is_distributed_loading_by_transformers", False)}
+wrapped = {
+    "decoder": unit(model.model.language_model.layers[0]),
+    "tower": unit(model.model.vision_tower.encoder.layers[0]),
+    "root": type(model).__name__,
+    "sharded_at_load": getattr(model, "is_distributed_loading_by_transformers", False),
+}
 batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
 batch.pop("dropped_samples", None)
 model.eval()

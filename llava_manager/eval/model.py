@@ -448,7 +448,7 @@ class LlavaManager(lmms):
         progress = tqdm(total=len(requests), disable=(self.rank != 0), desc="Model Responding")
         results: list[GenerationResult] = []
         chunks = list(collator.get_batched(n=self.batch_size, batch_fn=None))
-        if self._in_lockstep:  # one generate() per chunk (no videos here); every rank must make as many
+        if self._in_lockstep:  # one generate() per chunk (checked below); every rank must make as many
             most = zero3_sharding.most_calls(len(chunks), self._device)
         calls = 0
         for chunk in chunks:

@@ -5,9 +5,10 @@ creates each module whole and then keeps only this rank's slice, loading gathers
 values in, and every step gathers each layer again. glibc serves allocations below its mmap threshold from the heap,
 and raises that threshold (up to 32 MiB) each time a larger block is freed, so after the first few modules every
 parameter of a mid-sized model lands on the heap; the freed blocks stay in the process, fragmented between the slices
-it keeps. FSDP's all-gathers (and the broadcast of `cpu_ram_efficient_loading`) free whole tensors the same way. Measured with `benchmarks/zero3_loading.py` (2 processes, a 1.3 GB model): loading partitioned held
-2.2 GB of anonymous memory on rank 1 with glibc's defaults, 1.1 GB with a fixed threshold (the slice, 0.65 GB, plus
-the imports). A fixed threshold also turns glibc's adjustment off.
+it keeps. FSDP's all-gathers (and the broadcast of `cpu_ram_efficient_loading`) free whole tensors the same way.
+Measured with `benchmarks/zero3_loading.py` (2 processes, a 1.3 GB model): loading partitioned held 2.2 GB of
+anonymous memory on rank 1 with glibc's defaults, 1.1 GB with a fixed threshold (the slice, 0.65 GB, plus the
+imports). A fixed threshold also turns glibc's adjustment off.
 """
 
 from __future__ import annotations

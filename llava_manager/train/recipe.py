@@ -8,8 +8,9 @@ the key (and the file), before anything heavy is imported or any process group s
 
 Relative paths are tried against the current directory first, then the recipe's directory. Bare
 names resolve to the shipped configs: `deepspeed: zero3` -> `configs/deepspeed/zero3.json`,
-`fsdp: fsdp2` -> `configs/fsdp/fsdp2.json`, `model_config: tiny` -> `configs/models/tiny.json`, and the recipe itself: `tiny_cpu` ->
-`configs/recipes/tiny_cpu.yaml` (then `configs/ablations/`: the paper's ablations, `layers_20_26` ...).
+`fsdp: fsdp2` -> `configs/fsdp/fsdp2.json`, `model_config: tiny` -> `configs/models/tiny.json`, and the recipe
+itself: `tiny_cpu` -> `configs/recipes/tiny_cpu.yaml` (then `configs/ablations/`: the paper's ablations,
+`layers_20_26` ...).
 
 A recipe may start from another (`base: stage2_si`) and change only some keys; the nested mappings merge key by
 key (`manager: {grid: base}` keeps the base's other Manager settings), `manager: null` removes the Managers.
