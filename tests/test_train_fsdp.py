@@ -118,6 +118,7 @@ def test_two_process_fsdp2_trains_with_part_rates_and_reloads(tmp_path):
     with torch.no_grad():
         logits = reloaded(**ranks[0]["batch"]).logits
     assert torch.equal(logits, ranks[0]["logits"])
+    assert (out / "managers" / "managers.safetensors").is_file()  # the Managers-only folder beside the model
 
 
 @pytest.mark.slow
@@ -164,3 +165,4 @@ def test_fsdp2_sharded_at_load_trains_with_part_rates_and_reloads(tmp_path):
     with torch.no_grad():
         logits = reloaded(**ranks[0]["batch"]).logits
     assert torch.equal(logits, ranks[0]["logits"])
+    assert (out / "managers" / "managers.safetensors").is_file()  # the Managers-only folder beside the model
