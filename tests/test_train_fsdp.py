@@ -81,9 +81,24 @@ def _fsdp_run(tmp_path, name: str, *overrides: str, noise: bool = False) -> tupl
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in (0, 1)], out
 
 
+def _assert_trained_and_reloads(ranks: list[dict], out) -> None:
+    """The loss fell over the 12 steps, both ranks computed the same logits, and the saved model (a full state dict)
+    reloads with them bit for bit, its Managers-only folder beside it."""
+    from llava_manager import from_pretrained
+
+    losses = ranks[0]["losses"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
+    reloaded, _ = from_pretrained(out)
+    reloaded.eval()
+    with torch.no_grad():
+        logits = reloaded(**ranks[0]["batch"]).logits
+    assert torch.equal(logits, ranks[0]["logits"])
+    assert (out / "managers" / "managers.safetensors").is_file()  # the Managers-only folder beside the model
+
+
 @pytest.mark.slow
 def test_two_process_fsdp2_trains_with_part_rates_and_reloads(tmp_path):
-    from llava_manager import from_pretrained
     from llava_manager.train.recipe import load_recipe
 
     ranks, out = _fsdp_run(tmp_path, "plain")
@@ -108,17 +123,7 @@ def test_two_process_fsdp2_trains_with_part_rates_and_reloads(tmp_path):
             "root": "FSDPLlavaOnevisionManagerForConditionalGeneration",
             "sharded_at_load": False,
         }
-    losses = ranks[0]["losses"]
-    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
-
-    # the saved model (full state dict, rank 0) reloads with the sharded model's logits, bit for bit
-    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
-    reloaded, _ = from_pretrained(out)
-    reloaded.eval()
-    with torch.no_grad():
-        logits = reloaded(**ranks[0]["batch"]).logits
-    assert torch.equal(logits, ranks[0]["logits"])
-    assert (out / "managers" / "managers.safetensors").is_file()  # the Managers-only folder beside the model
+    _assert_trained_and_reloads(ranks, out)
 
 
 @pytest.mark.slow
@@ -140,7 +145,6 @@ def test_fsdp2_sharded_at_load_trains_with_part_rates_and_reloads(tmp_path):
     step. Per-part rates, a falling loss, and a saved model that reloads with the sharded model's logits."""
     from transformers import Trainer
 
-    from llava_manager import from_pretrained
     from llava_manager.testing.tiny import tiny_model
 
     if not hasattr(Trainer, "_sync_replicated_trainable_parameters"):
@@ -156,13 +160,5 @@ def test_fsdp2_sharded_at_load_trains_with_part_rates_and_reloads(tmp_path):
             part = group["name"].split(".")[0]
             assert group["parts"] == [part]
             assert group["sharded"] == (part != "manager"), group  # the Managers were added after sharding
-    losses = ranks[0]["losses"]
-    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     assert ranks[0]["losses"] == ranks[1]["losses"]
-    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
-    reloaded, _ = from_pretrained(out)
-    reloaded.eval()
-    with torch.no_grad():
-        logits = reloaded(**ranks[0]["batch"]).logits
-    assert torch.equal(logits, ranks[0]["logits"])
-    assert (out / "managers" / "managers.safetensors").is_file()  # the Managers-only folder beside the model
+    _assert_trained_and_reloads(ranks, out)

@@ -231,7 +231,7 @@ def test_fsdp_configs_become_trainer_fsdp2_plugins(name):
     from llava_manager.train.arguments import training_arguments
 
     recipe = load_recipe("tiny_cpu", ["--fsdp", name, "--deepspeed", "null", "--fsdp.reshard_after_forward", "false"])
-    assert recipe.distributed() == "fsdp" and recipe.zero_stage() == 0
+    assert recipe.fsdp_config() is not None and recipe.deepspeed is None and recipe.zero_stage() == 0
     args = training_arguments(recipe, 1, None)
     plugin = args.fsdp_plugin_args
     assert plugin["fsdp_version"] == 2

@@ -35,6 +35,7 @@ from .model_setup import (
     check_processor,
     check_video_support,
     configure_images,
+    distributed_config_class,
     load_for_training,
     patch_model,
 )
@@ -141,6 +142,7 @@ def build_trainer(recipe: Recipe, *, callbacks: list | None = None):
         args = training_arguments(recipe, accumulation, deepspeed_config)  # keeps transformers' HfDeepSpeedConfig
         _start_deepspeed_comm(args)
     elif recipe.loads_sharded():  # transformers shards the model while loading it: the process group comes first
+        distributed_config_class()  # refuses a transformers that cannot, before the group starts
         args = training_arguments(recipe, accumulation, deepspeed_config)
         args.device  # noqa: B018  (a cached property: starts accelerate's state and torch.distributed)
     model, processor = load_for_training(recipe)

@@ -89,12 +89,11 @@ def load_for_training(recipe: Recipe):
     return model, processor
 
 
-def sharded_fsdp_config(recipe: Recipe):
-    """transformers' `DistributedConfig` for `fsdp_loading: sharded`: FSDP2 over every process of the run, each
-    rank reading only its shard of the checkpoint (transformers' own FSDP plan picks the units)."""
+def distributed_config_class():
+    """transformers' `DistributedConfig`, for `fsdp_loading: sharded`; `RecipeError` where this transformers cannot
+    train a model sharded at load (call it before any process group starts)."""
     import dataclasses
 
-    import torch.distributed as dist
     from transformers import Trainer
 
     try:
@@ -102,8 +101,7 @@ def sharded_fsdp_config(recipe: Recipe):
     except ImportError:
         DistributedConfig = None
     loads = DistributedConfig is not None and "fsdp_size" in {f.name for f in dataclasses.fields(DistributedConfig)}
-    trains = hasattr(Trainer, "_sync_replicated_trainable_parameters")
-    if not loads or not trains:
+    if not loads or not hasattr(Trainer, "_sync_replicated_trainable_parameters"):
         import transformers
 
         raise RecipeError(
@@ -111,9 +109,17 @@ def sharded_fsdp_config(recipe: Recipe):
             f"(from_pretrained(distributed_config=...) and a Trainer that keeps added parameters in step; 5.25 has "
             f"both); this is {transformers.__version__}. Use fsdp_loading: accelerate"
         )
+    return DistributedConfig
+
+
+def sharded_fsdp_config(recipe: Recipe):
+    """transformers' `DistributedConfig` for `fsdp_loading: sharded`: FSDP2 over every process of the run, each
+    rank reading only its shard of the checkpoint (transformers' own FSDP plan picks the units)."""
+    import torch.distributed as dist
+
     fsdp = recipe.fsdp_config() or {}
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return DistributedConfig(fsdp_size=world, fsdp_cpu_offload=bool(fsdp.get("cpu_offload", False)))
+    return distributed_config_class()(fsdp_size=world, fsdp_cpu_offload=bool(fsdp.get("cpu_offload", False)))
 
 
 def _processor_for(recipe: Recipe, config):

@@ -522,10 +522,6 @@ class Recipe:
             return None
         return _load_json_config(self.fsdp, "fsdp", "fsdp2, fsdp2_offload", self.base_dir, self.source)
 
-    def distributed(self) -> str | None:
-        """ "deepspeed", "fsdp" or None: what shards the run."""
-        return "deepspeed" if self.deepspeed is not None else "fsdp" if self.fsdp is not None else None
-
     def loads_sharded(self) -> bool:
         """True when transformers shards the model for FSDP2 while loading it (`fsdp_loading: sharded`)."""
         return self.fsdp is not None and self.fsdp_loading == "sharded"
