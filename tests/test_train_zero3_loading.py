@@ -93,3 +93,43 @@ def test_an_original_format_checkpoint_is_converted_whole_then_loaded_partitione
         trainer.train()
         losses[flag] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-5)
+
+
+def test_a_sharded_checkpoint_is_read_one_shard_at_a_time(tmp_path, monkeypatch):
+    """transformers' ZeRO-3 branch maps every shard before copying any (rank 0 then holds the whole checkpoint's
+    pages); `zero3_shards.shard_by_shard` reads a shard only when the previous one is loaded and released. The loaded
+    partitioned model still equals the checkpoint, parameter for parameter (modules split across shards included)."""
+    import gc
+    import weakref
+
+    from llava_manager.checkpoint import zero3_shards
+
+    model = patch_llava(tiny_model(), ManagerConfig(llm_layers=[0, 2]))
+    perturb(model)
+    source = save_checkpoint(model, tmp_path / "source")
+    (source / "model.safetensors").unlink()
+    model.save_pretrained(source, max_shard_size="100KB")  # the same weights in shards
+    shards = sorted(source.glob("model-*.safetensors"))
+    assert len(shards) > 3
+    reads, alive_at_read = [], []
+    previous: list[weakref.ref] = []
+    real_read = zero3_shards.read_shard
+
+    def spy(load_state_dict, checkpoint_file, kwargs):
+        alive_at_read.append(sum(ref() is not None for ref in previous))
+        shard = real_read(load_state_dict, checkpoint_file, kwargs)
+        reads.append(checkpoint_file)
+        previous[:] = [weakref.ref(tensor) for tensor in shard.values()]
+        return shard
+
+    monkeypatch.setattr(zero3_shards, "read_shard", spy)
+    recipe = tiny_recipe(tmp_path, *ZERO3_PARTITIONED, *from_checkpoint(source))
+    trainer, _ = build_trainer(recipe)
+    gc.collect()
+    assert sorted(reads) == [str(path) for path in shards]  # each shard read once, with values
+    assert alive_at_read == [0] * len(shards)  # no tensor of the previous shard left when the next is read
+    expected = model.state_dict()
+    loaded = trainer.model
+    with deepspeed.zero.GatheredParameters(list(loaded.parameters())):
+        for name, parameter in loaded.named_parameters():
+            assert torch.equal(parameter.detach(), expected[name]), name

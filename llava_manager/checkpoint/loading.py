@@ -18,6 +18,7 @@ from .cache import cache_entry, default_cache_dir, is_converted, tokenizer_varia
 from .formats import detect_format
 from .source import resolve
 from .weights import check_weights
+from .zero3_shards import shard_by_shard
 
 
 def from_pretrained(
@@ -135,7 +136,8 @@ def from_pretrained(
                 )
     from transformers import ProcessorMixin
 
-    model = AutoModelForImageTextToText.from_pretrained(folder, **hf_kwargs)
+    with shard_by_shard():  # under ZeRO-3: one shard mapped at a time, not the whole checkpoint
+        model = AutoModelForImageTextToText.from_pretrained(folder, **hf_kwargs)
     try:
         processor = AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as error:
