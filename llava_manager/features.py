@@ -68,7 +68,11 @@ class ImageFeatureComputer:
         config: ManagerConfig | None,
         layout: ImageLayout,
         scope: ForwardScope | None = None,
+        *,
+        tower_hooks: bool = True,
     ):
+        """`tower_hooks=False`: no hooks on the vision tower (a caller that gets the layers some other way, e.g. vLLM's
+        tower with `select_layers`, uses only the packing helpers)."""
         self.llava_model = llava_model
         self.scope = scope  # where the output goes when computed inside a forward (None: layout only, keep nothing)
         self.stack = stack
@@ -77,10 +81,13 @@ class ImageFeatureComputer:
         model_config = llava_model.config
         self.main_entry = model_config.vision_feature_layer % (model_config.vision_config.num_hidden_layers + 1)
         self.vision_layers = list(config.vision_layers) if config is not None else []
-        self.capture = VisionCapture(llava_model.vision_tower, [self.main_entry, *self.vision_layers])
+        self.capture = (
+            VisionCapture(llava_model.vision_tower, [self.main_entry, *self.vision_layers]) if tower_hooks else None
+        )
 
     def remove(self) -> None:
-        self.capture.remove()
+        if self.capture is not None:
+            self.capture.remove()
 
     # The signature mirrors transformers' get_image_features: generate() inspects it to pick its kwargs.
     def __call__(
