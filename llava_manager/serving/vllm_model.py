@@ -115,8 +115,8 @@ class LlavaOnevisionManagerMultiModalProcessor(LlavaOnevisionMultiModalProcessor
     """vLLM's LLaVA-OV processor, with transformers' multi-image prompts.
 
     transformers gives an image in a prompt with several images its base crop only (and one newline); vLLM's
-    LLaVA-OV gives every image its whole AnyRes grid. Here, as in transformers: in a multi-image prompt each image
-    keeps its base crop (the pixels of the other crops are dropped) and gets the matching token count. The same
+    LLaVA-OV gives every image its whole AnyRes grid. Here, as in transformers: the images of a multi-image prompt
+    go to the processor as one sample (one crop each, as it prepares them) and get the matching token count. The same
     image alone in a prompt is a different item, so such items get their own cache identity (hash), and
     multi-image prompts are processed whole (vLLM's processing cache would otherwise process the missing items of a
     prompt on their own, without knowing they share it)."""
@@ -127,7 +127,7 @@ class LlavaOnevisionManagerMultiModalProcessor(LlavaOnevisionMultiModalProcessor
         if len(images) > 1:
             algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
             hashes["image"] = [
-                MultiModalHasher.hash_kwargs(algorithm, mm_hash=mm_hash, base_crop_only=True) for mm_hash in images
+                MultiModalHasher.hash_kwargs(algorithm, mm_hash=mm_hash, multi_image_sample=True) for mm_hash in images
             ]
         return hashes
 
@@ -136,15 +136,14 @@ class LlavaOnevisionManagerMultiModalProcessor(LlavaOnevisionMultiModalProcessor
             return self._apply_hf_processor(inputs, timing_ctx)
         return super()._cached_apply_hf_processor(inputs, timing_ctx)
 
-    def _postprocess_hf_mm_data(self, hf_data, hf_kwargs, processed_data):
-        processed = super()._postprocess_hf_mm_data(hf_data, hf_kwargs, processed_data)
-        images = hf_data.get("images") or []
-        if len(images) > 1 and "pixel_values" in processed:
-            pixel_values = processed["pixel_values"]  # (images, crops, 3, H, W) or per image (crops, 3, H, W)
-            processed["pixel_values"] = (
-                pixel_values[:, :1] if isinstance(pixel_values, torch.Tensor) else [p[:1] for p in pixel_values]
-            )
-        return processed
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        if mm_items.get_count("image", strict=False) <= 1 or mm_items.get_count("video", strict=False) > 0:
+            return super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        hf_data, hf_kwargs, passthrough_data = self._get_hf_mm_inputs(mm_items, hf_kwargs)
+        # nested: the images are one sample's (a flat list would be one sample per image, each with its grid)
+        hf_data = {**hf_data, "images": [list(hf_data["images"])]}
+        processed = self.info.ctx.call_hf_processor(self.info.get_hf_processor(**hf_kwargs), hf_data, hf_kwargs)
+        return self._finalize_hf_mm_data(hf_data, hf_kwargs, passthrough_data, processed)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -244,7 +243,7 @@ class LlavaOnevisionManagerForConditionalGeneration(_VllmLlavaOnevision):
             side = self.config.vision_config.image_size
             image_sizes = torch.as_tensor([[side, side]] * len(pixel_values))
         square = self.layout.mode == "square"
-        # an image among several in its prompt arrives with its base crop only (as transformers uses it)
+        # an image among several in its prompt arrives as one crop (transformers' multi-image preprocessing)
         crops = [
             1 if images.shape[0] == 1 else n
             for images, n in zip(pixel_values, self._packer._crops_per_image(image_sizes, None, square))

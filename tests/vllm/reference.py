@@ -34,7 +34,10 @@ def transformers_answers(model, processor, requests: list[Request], max_tokens: 
     """Greedy `generate` one request at a time (no padding), fp32."""
     answers = []
     for request in requests:
-        inputs = processor(images=request.images or None, text=request.prompt, return_tensors="pt")
+        # nested: the request's images belong to one sample (a flat list would make each image a sample of its own,
+        # and transformers then gives every image its whole AnyRes grid instead of LLaVA-OV's multi-image layout)
+        images = [request.images] if request.images else None
+        inputs = processor(images=images, text=request.prompt, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(
                 **inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True
