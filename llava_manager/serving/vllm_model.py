@@ -24,10 +24,11 @@ hidden state is whole between layers).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+from transformers import LlavaOnevisionProcessor
 from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import _require_is_multimodal
 from vllm.model_executor.models.llava_onevision import (
@@ -83,6 +84,11 @@ class LlavaOnevisionManagerProcessingInfo(LlavaOnevisionProcessingInfo):
     unpad; the processor saved with the checkpoint (transformers' or llava-manager's layout-aware one) knows the
     checkpoint's `vision_aspect_ratio` and `image_layout`, so the count comes from it (single-image prompts)."""
 
+    def get_hf_processor(self, **kwargs: object):
+        # a tuple: vLLM then loads the saved processor through AutoProcessor (llava-manager's layout-aware class when
+        # the checkpoint has it) instead of instantiating transformers' LlavaOnevisionProcessor from its files
+        return self.ctx.get_hf_processor((LlavaOnevisionProcessor,), **kwargs)
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         processor = self.get_hf_processor()
         count = getattr(processor, "_get_number_of_features", None)
@@ -104,11 +110,6 @@ class LlavaOnevisionManagerProcessingInfo(LlavaOnevisionProcessingInfo):
         if processor.vision_feature_select_strategy == "default":
             tokens -= 1
         return tokens
-
-    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        manager = _manager_config(self.get_hf_config())
-        # Managers on video frames are not served yet: refuse videos rather than serve them without the Managers
-        return {"image": None, "video": 0 if manager is not None and manager.video else None}
 
 
 class LlavaOnevisionManagerMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
@@ -251,7 +252,8 @@ class LlavaOnevisionManagerForConditionalGeneration(_VllmLlavaOnevision):
         pixels = torch.cat([images[:n] for images, n in zip(pixel_values, crops)])  # (all crops, 3, H, W)
         return self._image_embeddings(pixels, crops, image_sizes, square)
 
-    def _image_embeddings(self, pixels, crops: list[int], image_sizes, square: bool) -> list[torch.Tensor]:
+    def _tower_layers(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SigLIP pass: (main `(crops, P, C)`, the N Manager layers `(crops, P, N, C)`)."""
         packer = self._packer
         num_layers = len(packer.vision_layers)
         hidden = self.vision_tower(
@@ -260,8 +262,20 @@ class LlavaOnevisionManagerForConditionalGeneration(_VllmLlavaOnevision):
             feature_select_strategy=self.config.vision_feature_select_strategy,
         )  # (crops, P, (N + 1) * C): the N Manager layers, then the main one
         width = hidden.shape[-1] // (num_layers + 1)
-        main = hidden[..., num_layers * width :]
-        layer_stack = hidden[..., : num_layers * width].unflatten(-1, (num_layers, width))  # (crops, P, N, C)
+        layer_stack = hidden[..., : num_layers * width].unflatten(-1, (num_layers, width))
+        return hidden[..., num_layers * width :], layer_stack
+
+    def _with_manager_outputs(self, main: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """main `(T, D)`, layers `(T, N, D)` -> `(T, (1 + E) * D)`: main plus the layer-0 Manager, then the others."""
+        outputs = [manager(layers).to(main.dtype) for manager in self.manager.managers]  # E (+ 1) x (T, D)
+        if self._folded is not None:
+            main = main + outputs[self._folded]
+        extras = [out for index, out in enumerate(outputs) if index != self._folded]
+        return torch.cat([main, *extras], dim=-1)
+
+    def _image_embeddings(self, pixels, crops: list[int], image_sizes, square: bool) -> list[torch.Tensor]:
+        packer = self._packer
+        main, layer_stack = self._tower_layers(pixels)
         if self.manager_config.injection == "projector":
             main = main + packer._vision_residual(layer_stack.clone(), crops)
             layer_stack = None
@@ -272,23 +286,45 @@ class LlavaOnevisionManagerForConditionalGeneration(_VllmLlavaOnevision):
         )
         if packed_layers is None:
             return packed_main
-        embeddings = []
-        for image_main, image_layers in zip(packed_main, packed_layers):
-            features = image_layers.view(image_layers.shape[0], num_layers, self.text_width)  # (T, N, D)
-            outputs = [manager(features).to(image_main.dtype) for manager in self.manager.managers]  # E + 1 x (T, D)
-            if self._folded is not None:
-                image_main = image_main + outputs[self._folded]
-            extras = [out for index, out in enumerate(outputs) if index != self._folded]
-            embeddings.append(torch.cat([image_main, *extras], dim=-1))
-        return embeddings
+        num_layers = len(packer.vision_layers)
+        return [
+            self._with_manager_outputs(image_main, image_layers.view(image_layers.shape[0], num_layers, -1))
+            for image_main, image_layers in zip(packed_main, packed_layers)
+        ]
 
     def _process_video_pixels(self, inputs):
-        """Videos without Managers (the checkpoint's Managers do not read video): zero Manager slots."""
-        videos = super()._process_video_pixels(inputs)
-        if not self._slots:
-            return videos
-        width = len(self._slots) * self.text_width
-        return [torch.cat([v.reshape(-1, v.shape[-1]), v.new_zeros(v.shape[-2], width)], dim=-1) for v in videos]
+        """Per video `(F * p + 1, (1 + E) * D)`, as llava_manager's video path (video.py): every selected layer
+        projected, layer-embedded and pooled like the main feature; the newline slot holds `image_newline` in every
+        layer. Checkpoints whose Managers skip video (`video: false`) get vLLM's video features and zero slots."""
+        if self.manager_config is None or not self.manager_config.video:
+            videos = super()._process_video_pixels(inputs)
+            if not self._slots:
+                return videos
+            width = len(self._slots) * self.text_width
+            return [torch.cat([v.reshape(-1, v.shape[-1]), v.new_zeros(v.shape[-2], width)], -1) for v in videos]
+        video_pixels = inputs["pixel_values_videos"]  # (videos, F, 3, H, W) or per video (F, 3, H, W)
+        frames = [len(video) for video in video_pixels]
+        main, layer_stack = self._tower_layers(torch.cat(list(video_pixels)))  # (all frames, P, C), (.., P, N, C)
+        stack = self.manager
+        pooled_layers = None
+        if self.manager_config.injection == "projector":
+            main = main + stack.managers[0](stack.embed_layers(layer_stack.clone(), reuse_input=True))
+        else:
+            projected = stack.embed_layers(self.multi_modal_projector(layer_stack), reuse_input=True)  # (.., P, N, D)
+            num_layers = projected.shape[2]
+            pooled_layers = self.apply_pooling(projected.flatten(2)).unflatten(-1, (num_layers, -1))  # (.., p, N, D)
+        main = self.apply_pooling(self.multi_modal_projector(main))  # (all frames, p, D)
+        newline = self.image_newline.to(main.dtype)
+        embeddings = []
+        for index, video_main in enumerate(main.split(frames)):
+            video_main = torch.cat([video_main.flatten(0, 1), newline[None]])  # (F * p + 1, D)
+            if pooled_layers is None:
+                embeddings.append(video_main)
+                continue
+            layers = pooled_layers.split(frames)[index].flatten(0, 1)  # (F * p, N, D)
+            layers = torch.cat([layers, newline.expand(1, layers.shape[1], -1)])  # (F * p + 1, N, D)
+            embeddings.append(self._with_manager_outputs(video_main, layers))
+        return embeddings
 
     # ---- LLM side -------------------------------------------------------------------------------------------
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None) -> torch.Tensor:

@@ -10,7 +10,7 @@ COMMON = {
     "dtype": "float32",
     "max_model_len": 1024,
     "gpu_memory_utilization": 0.1,  # on CPU: the share of RAM for the KV cache
-    "limit_mm_per_prompt": {"image": 2, "video": 0},
+    "limit_mm_per_prompt": {"image": 2, "video": 1},
     "seed": 0,
 }
 

@@ -15,12 +15,15 @@ class Request:
 
     prompt: str
     images: list
+    video: object = None  # (frames, H, W, 3) uint8
 
     def for_vllm(self) -> dict:
-        request = {"prompt": self.prompt}
+        media = {}
         if self.images:
-            request["multi_modal_data"] = {"image": self.images if len(self.images) > 1 else self.images[0]}
-        return request
+            media["image"] = self.images if len(self.images) > 1 else self.images[0]
+        if self.video is not None:
+            media["video"] = self.video
+        return {"prompt": self.prompt, "multi_modal_data": media} if media else {"prompt": self.prompt}
 
 
 @dataclass
@@ -37,7 +40,8 @@ def transformers_answers(model, processor, requests: list[Request], max_tokens: 
         # nested: the request's images belong to one sample (a flat list would make each image a sample of its own,
         # and transformers then gives every image its whole AnyRes grid instead of LLaVA-OV's multi-image layout)
         images = [request.images] if request.images else None
-        inputs = processor(images=images, text=request.prompt, return_tensors="pt")
+        videos = [request.video] if request.video is not None else None
+        inputs = processor(images=images, videos=videos, text=request.prompt, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(
                 **inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True

@@ -4,10 +4,8 @@ equal vLLM's own LLaVA-OV."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from checkpoints import make_image, prompt, write_checkpoint
+from checkpoints import as_stock_llava_onevision, make_image, make_video, prompt, write_checkpoint
 from engines import engine, greedy
 from reference import Request, assert_same_answer, largest_difference, transformers_answers, vllm_answer
 
@@ -34,6 +32,7 @@ def requests(hf):
         "square": Request(prompt(processor, "how many are there"), [make_image(64, 64, seed=1)]),
         "tall": Request(prompt(processor, "where is the"), [make_image(30, 90, seed=2)]),  # 1x3 grid
         "text": Request(prompt(processor, "what is the shape", images=0), []),
+        "video": Request(prompt(processor, "does the shape move", images=0, videos=1), [], make_video()),
         # the anyres image again, beside another: transformers gives each its base crop and one newline
         "two": Request(prompt(processor, "which is the", images=2), [make_image(80, 48), make_image(30, 90, seed=2)]),
     }
@@ -53,7 +52,7 @@ def _image_span(prompt_ids: list[int], image_token_id: int) -> tuple[int, int]:
 
 
 def test_a_batch_of_different_requests_and_a_prefix_cache_hit(checkpoint, requests, expected):
-    names = ["anyres", "square", "tall", "text", "two"]
+    names = ["anyres", "square", "tall", "text", "two", "video"]
     with engine(checkpoint, enable_prefix_caching=True, block_size=32) as llm:  # blocks smaller than a prompt
         outputs = llm.generate([requests[n].for_vllm() for n in names], greedy(MAX_TOKENS))
         for name, output in zip(names, outputs):
@@ -85,34 +84,9 @@ def test_a_compiled_model(checkpoint, requests, expected):
         assert_same_answer(vllm_answer(output), expected[name], what=f"compiled {name}")
 
 
-def _as_stock_llava_onevision(folder, target):
-    """A copy of a (zero-Manager) checkpoint that vLLM loads as its own LLaVA-OV: plain config, no Manager weights,
-    SigLIP keys as vLLM names them."""
-    from safetensors.torch import load_file, save_file
-
-    target.mkdir()
-    for path in folder.iterdir():
-        if path.name not in ("config.json", "model.safetensors"):
-            (target / path.name).write_bytes(path.read_bytes())
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="llava_onevision", architectures=["LlavaOnevisionForConditionalGeneration"])
-    config.pop("manager"), config.pop("image_layout")
-    (target / "config.json").write_text(json.dumps(config))
-    weights = load_file(folder / "model.safetensors")
-    renamed = {}
-    for key, value in weights.items():
-        if "manager" in key.split("."):
-            continue
-        for part in ("embeddings", "encoder", "post_layernorm"):
-            key = key.replace(f"vision_tower.{part}.", f"vision_tower.vision_model.{part}.")
-        renamed[key] = value
-    save_file(renamed, target / "model.safetensors", metadata={"format": "pt"})
-    return target
-
-
 def test_zeroed_managers_equal_vllms_llava_onevision(tmp_path, requests, expected):
     zero = write_checkpoint(tmp_path / "zero", zero=True)
-    stock = _as_stock_llava_onevision(zero, tmp_path / "stock")
+    stock = as_stock_llava_onevision(zero, tmp_path / "stock")
     names = ["anyres", "square", "text"]
     answers = {}
     for label, folder in (("manager", zero), ("stock", stock)):
