@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 
 COMMON = {
     "dtype": "float32",
@@ -16,12 +15,10 @@ COMMON = {
 
 
 @contextlib.contextmanager
-def engine(model: str, *, env: dict | None = None, **overrides):
+def engine(model, **overrides):
     """An `LLM` for `model` (fp32, eager unless `enforce_eager=False`), shut down on exit."""
     from vllm import LLM
 
-    saved = {key: os.environ.get(key) for key in env or {}}
-    os.environ.update(env or {})
     llm = None
     try:
         llm = LLM(model=str(model), **{"enforce_eager": True, **COMMON, **overrides})
@@ -32,11 +29,6 @@ def engine(model: str, *, env: dict | None = None, **overrides):
                 llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def greedy(max_tokens: int):
