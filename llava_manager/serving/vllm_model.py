@@ -138,8 +138,15 @@ class LlavaOnevisionManagerMultiModalProcessor(LlavaOnevisionMultiModalProcessor
         return super()._cached_apply_hf_processor(inputs, timing_ctx)
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
-        if mm_items.get_count("image", strict=False) <= 1 or mm_items.get_count("video", strict=False) > 0:
+        if mm_items.get_count("image", strict=False) <= 1:
             return super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        if mm_items.get_count("video", strict=False) > 0:
+            # vLLM's LLaVA-OV processes the images of a prompt with videos on their own, one grid per image
+            raise ManagerError(
+                "a prompt with several images and a video is not supported by the vLLM model (transformers lays "
+                "such images out as one sample, vLLM's LLaVA-OV processing cannot); send the video in its own "
+                "prompt, or use transformers' generate"
+            )
         hf_data, hf_kwargs, passthrough_data = self._get_hf_mm_inputs(mm_items, hf_kwargs)
         # nested: the images are one sample's (a flat list would be one sample per image, each with its grid)
         hf_data = {**hf_data, "images": [list(hf_data["images"])]}
@@ -180,11 +187,12 @@ class LlavaOnevisionManagerForConditionalGeneration(_VllmLlavaOnevision):
     )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        manager_config = _manager_config(vllm_config.model_config.hf_config)
+        check_servable(manager_config, vllm_config)  # before building anything
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.manager_config = _manager_config(config)
+        self.manager_config = manager_config
         self.layout = ImageLayout.from_dict(getattr(config, "image_layout", None))
-        check_servable(self.manager_config, vllm_config)
         self.text_width = config.text_config.hidden_size
         stack = None
         if self.manager_config is not None:

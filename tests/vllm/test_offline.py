@@ -51,7 +51,7 @@ def _image_span(prompt_ids: list[int], image_token_id: int) -> tuple[int, int]:
     return positions[0], positions[-1] + 1
 
 
-def test_a_batch_of_different_requests_and_a_prefix_cache_hit(checkpoint, requests, expected):
+def test_a_batch_of_different_requests_and_a_prefix_cache_hit(checkpoint, hf, requests, expected):
     names = ["anyres", "square", "tall", "text", "two", "video"]
     with engine(checkpoint, enable_prefix_caching=True, block_size=32) as llm:  # blocks smaller than a prompt
         outputs = llm.generate([requests[n].for_vllm() for n in names], greedy(MAX_TOKENS))
@@ -59,6 +59,14 @@ def test_a_batch_of_different_requests_and_a_prefix_cache_hit(checkpoint, reques
             assert_same_answer(vllm_answer(output), expected[name], what=name)
         # the same image prompt again: its prefix (image tokens included) comes from the KV cache
         again = llm.generate([requests["anyres"].for_vllm()], greedy(MAX_TOKENS))[0]
+        # several images with a video: refused with the way out (vLLM would give each image its own grid)
+        mixed = Request(prompt(hf[1], "which is the", images=2, videos=1), requests["two"].images, make_video())
+        with pytest.raises(Exception, match="several images and a video"):
+            llm.generate([mixed.for_vllm()], greedy(MAX_TOKENS))
+        # the engine still serves afterwards
+        assert_same_answer(
+            vllm_answer(llm.generate([requests["text"].for_vllm()], greedy(MAX_TOKENS))[0]), expected["text"]
+        )
     assert again.num_cached_tokens > 0
     assert_same_answer(vllm_answer(again), expected["anyres"], what="anyres from the prefix cache")
 
