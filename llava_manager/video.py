@@ -55,6 +55,16 @@ def newline_in_video_features(llava_model) -> bool:
     return "image_newline" in source
 
 
+def pooled_layer_features(model, stack: ManagerStack, layer_stack: torch.Tensor) -> torch.Tensor:
+    """(frames, P, N, C) SigLIP features -> (frames, p, N, D): `model`'s projector, the layer embedding, then
+    `model.apply_pooling` (transformers' or vLLM's LLaVA-OV: a bilinear resize of the patch grid, channel by channel,
+    so the N layers ride along as channels)."""
+    projected = stack.embed_layers(model.multi_modal_projector(layer_stack), reuse_input=True)  # (frames, P, N, D)
+    frames, _patches, num_layers, width = projected.shape
+    pooled = model.apply_pooling(projected.reshape(frames, -1, num_layers * width))  # (frames, p, N * D)
+    return pooled.reshape(frames, -1, num_layers, width)
+
+
 class VideoFeatureComputer:
     """Callable that replaces `get_video_features` on one patched `LlavaOnevisionModel` instance."""
 
@@ -132,12 +142,8 @@ class VideoFeatureComputer:
 
     def _pooled_layers(self, layer_stack: torch.Tensor, videos: int, frames: int) -> torch.Tensor:
         """(V * F, P, N, C) SigLIP features -> (V, F * p, N, D): projected, layer embedding added, pooled."""
-        model = self.llava_model
-        projected = self.stack.embed_layers(model.multi_modal_projector(layer_stack), reuse_input=True)  # (V*F,P,N,D)
-        frames_total, _patches, num_layers, width = projected.shape
-        # apply_pooling resizes the patch grid channel by channel: the N layers ride along as channels
-        pooled = model.apply_pooling(projected.reshape(frames_total, -1, num_layers * width))  # (V * F, p, N * D)
-        return pooled.reshape(videos, -1, num_layers, width)  # (V, F * p, N, D)
+        pooled = pooled_layer_features(self.llava_model, self.stack, layer_stack)  # (V * F, p, N, D)
+        return pooled.reshape(videos, -1, *pooled.shape[2:])
 
     def remove(self) -> None:  # the hooks belong to the image path's capture
         pass

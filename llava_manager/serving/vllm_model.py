@@ -50,6 +50,7 @@ from ..errors import ManagerError
 from ..features import ImageFeatureComputer
 from ..managers import ManagerStack
 from ..packing import parse_max_crops
+from ..video import pooled_layer_features
 
 _TOWER_PARTS = r"(embeddings|encoder|post_layernorm|head)"
 
@@ -318,9 +319,7 @@ class LlavaOnevisionManagerForConditionalGeneration(_VllmLlavaOnevision):
         if self.manager_config.injection == "projector":
             main = main + stack.managers[0](stack.embed_layers(layer_stack.clone(), reuse_input=True))
         else:
-            projected = stack.embed_layers(self.multi_modal_projector(layer_stack), reuse_input=True)  # (.., P, N, D)
-            num_layers = projected.shape[2]
-            pooled_layers = self.apply_pooling(projected.flatten(2)).unflatten(-1, (num_layers, -1))  # (.., p, N, D)
+            pooled_layers = pooled_layer_features(self, stack, layer_stack)  # (all frames, p, N, D)
         main = self.apply_pooling(self.multi_modal_projector(main))  # (all frames, p, D)
         newline = self.image_newline.to(main.dtype)
         embeddings = []
