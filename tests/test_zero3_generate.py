@@ -33,6 +33,7 @@ with torch.no_grad():
 torch.save({"logits": logits, "tokens": tokens}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+os._exit(0)  # skip interpreter teardown: a DeepSpeed / gloo thread alive there once aborted it ("terminate called")
 """
 
 
@@ -76,6 +77,7 @@ with torch.no_grad():
 torch.save({"tokens": tokens}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+os._exit(0)  # skip interpreter teardown: a DeepSpeed / gloo thread alive there once aborted it ("terminate called")
 """
 
 
